@@ -1,0 +1,389 @@
+"""The ``neps-redis`` command: the demo, a run's status, the embedded server.
+
+Errors a person can fix (no server, no such run, a bad URL) end the command
+with one readable line and exit code 1; ``--debug`` shows the traceback
+instead. No output of this module ever holds a password: every URL shown
+goes through `redact_url`.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import click
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+
+from neps_redis import __version__, defaults
+from neps_redis.connection import URL_ENV, client_from_url, redact_url, resolve_url
+from neps_redis.demo import (
+    DEFAULT_BUDGET,
+    DEFAULT_SEED,
+    DEFAULT_WORKERS,
+    WorkerFailedError,
+    default_run_name,
+    run_demo,
+)
+from neps_redis.errors import NePSError
+from neps_redis.model import State
+from neps_redis.server import EmbeddedServer
+from neps_redis.state import RedisNePSState
+from neps_redis.status import RunSummary, summarize
+
+logger = logging.getLogger(__name__)
+
+# A mistyped URL should fail at once, not after the client's retries.
+_PROBE_TIMEOUT = 2.0
+
+
+@dataclass
+class _Settings:
+    """The global options, and the URL a command settled on."""
+
+    redis_url: str | None
+    debug: bool
+    url: str | None = None
+
+    def shown(self) -> str:
+        return redact_url(self.url) if self.url else "(no server chosen yet)"
+
+
+def _scrub(text: str, url: str | None) -> str:
+    """`text` without the password of `url`, wherever it might appear."""
+    if not url:
+        return text
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        password = None
+    return text.replace(password, "***") if password else text
+
+
+def _readable(error: Exception, settings: _Settings) -> str:
+    if isinstance(error, RedisConnectionError | RedisTimeoutError):
+        message = f"Cannot reach the Redis server at {settings.shown()}: {error}"
+    elif isinstance(error, RedisError):
+        message = f"The Redis server at {settings.shown()} refused: {error}"
+    else:
+        message = str(error)
+    return _scrub(message, settings.url or settings.redis_url)
+
+
+class _Cli(click.Group):
+    """Turns the errors a person can act on into one line and exit code 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (NePSError, RedisError) as error:
+            settings = ctx.find_object(_Settings)
+            if settings is None or settings.debug:
+                raise
+            raise click.ClickException(_readable(error, settings)) from None
+
+
+def _stderr() -> Console:
+    return Console(stderr=True)
+
+
+def _probe(url: str) -> None:
+    """Raise the client's ConnectionError at once if nothing answers at `url`."""
+    client = client_from_url(
+        url,
+        retry=Retry(NoBackoff(), 0),
+        socket_connect_timeout=_PROBE_TIMEOUT,
+        socket_timeout=_PROBE_TIMEOUT,
+    )
+    try:
+        client.ping()
+    finally:
+        client.close()
+
+
+def _answers(url: str) -> bool:
+    try:
+        _probe(url)
+    except RedisError:
+        return False
+    return True
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--redis",
+    "redis_url",
+    metavar="URL",
+    envvar=URL_ENV,
+    show_envvar=True,
+    help=(
+        "The Redis server of the runs. Default: the embedded server if it runs,"
+        f" else {defaults.FALLBACK_URL}."
+    ),
+)
+@click.option("--debug", is_flag=True, help="Show debug logs and full tracebacks.")
+@click.version_option(__version__, "--version", prog_name="neps-redis")
+@click.pass_context
+def main(ctx: click.Context, redis_url: str | None, debug: bool) -> None:
+    """NePS's shared optimization state in Redis."""
+    ctx.obj = _Settings(redis_url=redis_url or None, debug=debug)
+    logging.basicConfig(
+        level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("neps_redis").setLevel(
+        logging.DEBUG if debug else logging.WARNING
+    )
+
+
+# --- demo ------------------------------------------------------------------
+
+
+def _server_for_demo(settings: _Settings) -> str:
+    """The URL the demo uses; starts the embedded server if nothing else is
+    configured or answering."""
+    if settings.redis_url:
+        return settings.redis_url
+
+    url = resolve_url()
+    embedded = EmbeddedServer()
+    if url != defaults.FALLBACK_URL:
+        where = f"the embedded server at {url} (data in {embedded.data_dir})"
+        _stderr().print(f"Using {where}.", highlight=False)
+        return url
+    if _answers(url):
+        _stderr().print(
+            f"Using the server at {url} (its data lives where that server keeps it).",
+            highlight=False,
+        )
+        return url
+
+    url = embedded.start()
+    _stderr().print(
+        f"Started the embedded server at {url} (data in {embedded.data_dir});"
+        " stop it with `neps-redis server stop`.",
+        highlight=False,
+    )
+    return url
+
+
+@main.command()
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=DEFAULT_WORKERS,
+    show_default=True,
+    help="Worker processes.",
+)
+@click.option(
+    "--budget",
+    type=click.IntRange(min=1),
+    default=DEFAULT_BUDGET,
+    show_default=True,
+    help="Trials to evaluate in all.",
+)
+@click.option("--run", "run", metavar="NAME", help="Run name [default: demo-<time>].")
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where the workers' directories go [default: a new temporary directory].",
+)
+@click.option(
+    "--seed",
+    type=click.IntRange(0, 2**32 - 1),
+    default=DEFAULT_SEED,
+    show_default=True,
+    help="Seed of the run's random number generators.",
+)
+@click.pass_obj
+def demo(
+    settings: _Settings,
+    workers: int,
+    budget: int,
+    run: str | None,
+    workdir: Path | None,
+    seed: int,
+) -> None:
+    """Tune a small neural network with WORKERS processes sharing one run.
+
+    Each worker is a separate process with its own directory; they share
+    nothing but the Redis server. An existing run of the same name is
+    continued.
+    """
+    settings.url = _server_for_demo(settings)
+    _probe(settings.url)
+    run = run or default_run_name()
+    if workdir is None:
+        workdir = Path(tempfile.mkdtemp(prefix="neps-redis-demo-"))
+    _stderr().print(
+        f"Run '{run}': {workers} workers, budget {budget}, seed {seed};"
+        f" worker directories in {workdir}.",
+        highlight=False,
+    )
+
+    try:
+        summary = run_demo(
+            redis_url=settings.url,
+            run=run,
+            workers=workers,
+            budget=budget,
+            seed=seed,
+            workdir=workdir,
+            console=_stderr(),
+        )
+    except WorkerFailedError as error:
+        _print_summary(error.summary)
+        raise
+    _print_summary(summary)
+
+
+# --- status ----------------------------------------------------------------
+
+
+@main.command()
+@click.argument("run")
+@click.pass_obj
+def status(settings: _Settings, run: str) -> None:
+    """Show RUN's trials by state, its best trial, and what each worker did."""
+    settings.url = resolve_url(settings.redis_url)
+    _probe(settings.url)
+    state = RedisNePSState.create_or_load(run, redis=settings.url, load_only=True)
+    _print_summary(summarize(state))
+
+
+def _heading(text: str) -> Text:
+    # Headings are lines of their own: a table's title would wrap at the
+    # table's width, and a server path is wider than a small table.
+    return Text(text, style="bold")
+
+
+def _counts_table(summary: RunSummary) -> Table:
+    table = Table(show_footer=True)
+    table.add_column("state", footer="total")
+    table.add_column("trials", justify="right", footer=str(summary.total))
+    for name, count in summary.counts.items():
+        table.add_row(name, str(count), style=None if count else "dim")
+    return table
+
+
+def _best(summary: RunSummary) -> list[Any]:
+    if summary.multi_objective:
+        return [Text("Multi-objective run: there is no single best trial.")]
+    if summary.best_trial_id is None or summary.best_config is None:
+        return [Text("No successful trial with an objective yet.")]
+
+    heading = _heading(
+        f"Best trial {summary.best_trial_id}:"
+        f" objective_to_minimize {summary.best_objective!r}"
+    )
+    table = Table()
+    table.add_column("parameter")
+    table.add_column("value", justify="right", overflow="fold")
+    for name, value in summary.best_config.items():
+        table.add_row(name, repr(value) if isinstance(value, float) else str(value))
+    return [heading, table]
+
+
+def _workers_table(summary: RunSummary) -> Table:
+    states = [State.EVALUATING.value, State.SUCCESS.value]
+    states += [
+        s.value
+        for s in State
+        if s.value not in states
+        and any(w.evaluated.get(s.value) for w in summary.workers)
+    ]
+    table = Table()
+    table.add_column("worker id")
+    table.add_column("sampled", justify="right")
+    table.add_column("evaluated", justify="right")
+    for name in states:
+        table.add_column(name, justify="right")
+    for worker in summary.workers:
+        table.add_row(
+            worker.worker_id,
+            str(worker.sampled),
+            str(worker.evaluated_total),
+            *(str(worker.evaluated.get(name, 0)) for name in states),
+        )
+    return table
+
+
+def _print_summary(summary: RunSummary) -> None:
+    budget = summary.evaluation_budget
+    progress = f"{summary.finished} of {budget}" if budget else str(summary.finished)
+    lines: list[Any] = [
+        _heading(f"Run '{summary.run}' at {redact_url(summary.server)}"),
+        _counts_table(summary),
+        Text(f"Finished {progress} trials."),
+        Text(""),
+        *_best(summary),
+        Text(""),
+        _heading(
+            f"Workers: {summary.registered_workers} registered,"
+            f" {summary.shared_errors} shared errors"
+        ),
+        _workers_table(summary),
+    ]
+    Console(highlight=False).print(Group(*lines))
+
+
+# --- the embedded server ---------------------------------------------------
+
+
+@main.group()
+def server() -> None:
+    """Start, stop and inspect this user's embedded server (unix socket only)."""
+
+
+@server.command("start")
+def server_start() -> None:
+    """Start the embedded server unless it runs already; print its URL."""
+    embedded = EmbeddedServer()
+    was_running = embedded.is_running()
+    url = embedded.start()
+    verb = "Already running" if was_running else "Started"
+    click.echo(f"{verb}: {url} (data in {embedded.data_dir})")
+
+
+@server.command("stop")
+def server_stop() -> None:
+    """Stop the embedded server; its data is saved and kept."""
+    embedded = EmbeddedServer()
+    if not embedded.is_running():
+        click.echo(f"The embedded server in {embedded.home} is not running.")
+        return
+    embedded.stop()
+    click.echo(f"Stopped the embedded server in {embedded.home}.")
+
+
+@server.command("status")
+def server_status() -> None:
+    """Show whether the embedded server runs, where, and how big its data is."""
+    table = Table(show_header=False, box=None)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for name, value in EmbeddedServer().status().items():
+        shown = ("yes" if value else "no") if isinstance(value, bool) else value
+        table.add_row(name, "-" if shown is None else str(shown))
+    Console(highlight=False).print(table)
+
+
+@server.command("url")
+def server_url() -> None:
+    """Print the embedded server's URL (for NEPS_REDIS_URL on this machine)."""
+    embedded = EmbeddedServer()
+    if not embedded.is_running():
+        raise click.ClickException(
+            f"The embedded server in {embedded.home} is not running; start it"
+            " with `neps-redis server start`."
+        )
+    click.echo(embedded.url)

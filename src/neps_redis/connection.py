@@ -1,0 +1,183 @@
+"""From a URL (or nothing) to a checked redis-py client.
+
+When no server is named, one order holds everywhere, library and CLI alike:
+the ``NEPS_REDIS_URL`` environment variable, else this user's embedded server
+if it is running, else ``redis://localhost:6379/0``.
+
+Every client this module makes retries a command whose connection broke,
+with jittered exponential backoff. That is safe only because every write
+script recognises a replay of itself (see ``lua/includes/replay.lua``).
+
+Passwords never leave this module in clear: use `redact_url` for anything
+shown to a person.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import warnings
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from neps_redis import defaults
+from neps_redis.errors import NePSError, UnsafeServerError
+from neps_redis.server import EmbeddedServer
+
+logger = logging.getLogger(__name__)
+
+URL_ENV = "NEPS_REDIS_URL"
+ALLOW_EVICTION_ENV = "NEPS_REDIS_ALLOW_EVICTION"
+
+
+def redact_url(url: str) -> str:
+    """`url` with any password replaced by ``***``."""
+    return re.sub(r"(://[^:@/]*:)[^@/]*@", r"\1***@", url)
+
+
+def resolve_url(url: str | None = None) -> str:
+    """The URL to use: `url`, else NEPS_REDIS_URL, else the embedded server,
+    else the local default."""
+    if url:
+        return url
+    if env := os.environ.get(URL_ENV):
+        return env
+    embedded = EmbeddedServer()
+    if embedded.is_running():
+        return embedded.url
+    return defaults.FALLBACK_URL
+
+
+def retry_policy() -> Retry:
+    """Retries for a broken connection: 10 tries, 50 ms to 2 s apart."""
+    return Retry(ExponentialWithJitterBackoff(base=0.05, cap=2.0), retries=10)
+
+
+def client_from_url(url: str, **kwargs: Any) -> redis.Redis:
+    """A client for `url` with the package's retry policy set explicitly."""
+    options: dict[str, Any] = {
+        "retry": retry_policy(),
+        "retry_on_error": [RedisConnectionError, RedisTimeoutError],
+        "health_check_interval": 30,
+    }
+    options.update(kwargs)
+    try:
+        return redis.Redis.from_url(url, **options)
+    except ValueError as error:
+        raise NePSError(f"Invalid Redis URL {redact_url(url)!r}: {error}") from None
+
+
+def connect(target: Any = None) -> Any:
+    """A client for `target`: a URL, a redis-py client (returned as is), or
+    None (see `resolve_url`)."""
+    if target is None or isinstance(target, str):
+        return client_from_url(resolve_url(target))
+    if hasattr(target, "execute_command") and hasattr(target, "register_script"):
+        return target
+    raise TypeError(
+        "redis must be a URL, a redis.Redis or redis.RedisCluster client, or"
+        f" None; got {type(target).__name__}."
+    )
+
+
+def describe_client(client: Any) -> str:
+    """Where a client points, password-free, for messages and equality."""
+    pool = getattr(client, "connection_pool", None)
+    if pool is None:
+        nodes = getattr(client, "startup_nodes", None) or []
+        return "cluster:" + ",".join(sorted(n.name for n in nodes))
+    kw = pool.connection_kwargs
+    if "path" in kw:
+        return f"unix://{kw['path']}?db={kw.get('db', 0)}"
+    scheme = "rediss" if "SSL" in pool.connection_class.__name__ else "redis"
+    return f"{scheme}://{kw.get('host')}:{kw.get('port')}/{kw.get('db', 0)}"
+
+
+@dataclass(frozen=True)
+class ServerDescription:
+    """What a server says it is."""
+
+    name: str  # "redis" or "valkey"
+    version: tuple[int, ...]
+    maxmemory_policy: str | None  # None when the check was not permitted
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} {'.'.join(map(str, self.version))}"
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", text)[:3])
+
+
+def describe_server(client: Any) -> ServerDescription:
+    """The server's kind and version (Valkey reports a Redis version of its
+    own, so its own fields are read first) and its eviction policy."""
+    info = client.info("server")
+    if info and all(isinstance(v, dict) for v in info.values()):
+        info = next(iter(info.values()))  # a cluster answers per node
+    name = str(info.get("server_name") or "redis").lower()
+    raw = info.get("valkey_version") if name == "valkey" else None
+    version = _version(str(raw or info.get("redis_version", "0")))
+    try:
+        reply = client.config_get("maxmemory-policy")
+    except ResponseError as error:
+        logger.debug("CONFIG GET refused: %s", error)
+        policy = None
+    else:
+        if reply and all(isinstance(v, dict) for v in reply.values()):
+            reply = next(iter(reply.values()))
+        value = reply.get("maxmemory-policy") or reply.get(b"maxmemory-policy")
+        policy = value.decode() if isinstance(value, bytes) else value
+    return ServerDescription(name=name, version=version, maxmemory_policy=policy)
+
+
+_checked: weakref.WeakKeyDictionary[Any, ServerDescription] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def check_server(client: Any) -> ServerDescription:
+    """Refuse a server that may evict keys; warn when that cannot be checked.
+
+    Eviction would silently delete trials and leases. Setting
+    NEPS_REDIS_ALLOW_EVICTION=1 turns the refusal into a warning. The result
+    is remembered per client.
+    """
+    if (known := _checked.get(client)) is not None:
+        return known
+    server = describe_server(client)
+    where = redact_url(describe_client(client))
+    if server.maxmemory_policy is None:
+        warnings.warn(
+            f"Could not verify the eviction policy of the server at {where}"
+            " (CONFIG GET is not permitted). If its maxmemory-policy is not"
+            " 'noeviction', Redis may silently delete trials.",
+            stacklevel=3,
+        )
+    elif server.maxmemory_policy != "noeviction":
+        message = (
+            f"The server at {where} has maxmemory-policy"
+            f" '{server.maxmemory_policy}': when it runs out of memory it may"
+            " silently delete trials and leases. Set it to 'noeviction'"
+            " (CONFIG SET maxmemory-policy noeviction)"
+        )
+        if not defaults.env_flag(ALLOW_EVICTION_ENV):
+            raise UnsafeServerError(
+                f"{message}, or set {ALLOW_EVICTION_ENV}=1 to accept the risk."
+            )
+        warnings.warn(message + ".", stacklevel=3)
+    try:
+        _checked[client] = server
+    except TypeError:
+        pass
+    return server

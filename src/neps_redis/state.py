@@ -1,0 +1,1009 @@
+"""`RedisNePSState`: NePS 0.17's `NePSState` API, kept in Redis.
+
+Every method of NePS's file-based state is here with the same arguments,
+return types, ordering and exceptions. Where NePS takes a file lock around
+several reads and writes, this class sends one atomic Lua script (see
+``lua/``); where NePS must hold a lock across Python code (the optimizer
+choosing new configs), it holds the run's optimizer lease, a token with an
+expiry that the storing script checks.
+
+This module composes the lower floors (model, codec, keys, scripts,
+connection); it never imports `neps`, the CLI, the exporter or the demo.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import pickle
+import secrets
+import socket
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal, overload
+
+from neps_redis import defaults
+from neps_redis.codec import (
+    METADATA_FIELDS,
+    REPORT_FIELDS,
+    decode_hash,
+    dumps_json,
+    dumps_optimizer_info,
+    error_to_fields,
+    error_type_name,
+    fields_to_error,
+    fields_to_optimizer_state,
+    fields_to_trial,
+    loads_optimizer_info,
+    optimizer_state_to_fields,
+    trial_to_fields,
+)
+from neps_redis.connection import check_server, connect, describe_client
+from neps_redis.errors import (
+    EncodingError,
+    InvalidNameError,
+    NePSError,
+    RunNotFoundError,
+    SchemaVersionError,
+    TrialNotFoundError,
+)
+from neps_redis.keys import RunKeys, validate_trial_id
+from neps_redis.model import (
+    BudgetInfo,
+    ErrDump,
+    ImportedConfig,
+    OptimizationState,
+    OptimizerInfo,
+    Report,
+    SampledConfig,
+    SerializableTrialError,
+    State,
+    Trial,
+)
+from neps_redis.scripts import Scripts
+
+logger = logging.getLogger(__name__)
+
+ALLOW_PICKLE_ENV = "NEPS_REDIS_ALLOW_PICKLE"
+
+# Fields the server manages; a caller's copy of a trial never carries them.
+_LEASE_FIELDS = ("token", "lease_deadline_ms")
+_OPTIONAL_FIELDS = tuple(
+    name
+    for name in METADATA_FIELDS
+    if name not in ("id", "state", "location", "sampling_worker_id", "time_sampled")
+) + REPORT_FIELDS
+_EVALUATION_FIELDS = (
+    "evaluating_worker_id",
+    "evaluation_duration",
+    "time_submitted",
+    "time_started",
+    "time_end",
+)
+
+
+def space_fingerprint(space: Any) -> str:
+    """A digest that is equal for pipeline spaces NePS considers equal.
+
+    NePS compares `PipelineSpace`s by their parameter definitions
+    (`get_attrs()`) and anything else by its pickle; so does this. Computing
+    it pickles, it never unpickles.
+    """
+    subject = space.get_attrs() if hasattr(space, "get_attrs") else space
+    try:
+        data = pickle.dumps(subject, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as error:
+        raise EncodingError(
+            f"Cannot fingerprint pipeline_space of type {type(space).__name__}:"
+            f" it cannot be pickled ({error})."
+        ) from None
+    return hashlib.sha256(data).hexdigest()
+
+
+def optimizer_info_matches(stored: Mapping, given: Mapping) -> bool:
+    """NePS's rule: same name, and every stored setting given with the same
+    value; settings the stored run lacks are accepted; `derived` is ignored."""
+    if stored["name"] != given["name"]:
+        return False
+    stored_info, given_info = stored["info"] or {}, given["info"] or {}
+    return all(k in given_info and given_info[k] == v for k, v in stored_info.items())
+
+
+def _score(time_sampled: Any) -> str:
+    """A pending trial's place in the pending index; NaN sorts last."""
+    if time_sampled is None or (
+        isinstance(time_sampled, float) and math.isnan(time_sampled)
+    ):
+        return "inf"
+    return repr(float(time_sampled))
+
+
+def _config_name(trial_id: str) -> str:
+    """The directory name NePS gives a trial (rung ids lose leading zeros)."""
+    parts = trial_id.split("_rung_")
+    if len(parts) == 2 and all(p.isdigit() for p in parts):
+        return f"{int(parts[0])}_rung_{int(parts[1])}"
+    return trial_id
+
+
+def _flatten(fields: Mapping[str, Any]) -> list[Any]:
+    return [x for pair in fields.items() for x in pair]
+
+
+class RedisNePSState:
+    """The shared state of one run, in Redis.
+
+    Create it with `create_or_load`. All instances of one run, in any process
+    on any machine, see the same state.
+    """
+
+    # Where trials live relative to a machine's run directory; `location` is
+    # stored relative to it, so that each machine can resolve it locally.
+    TRIAL_DIRECTORY = Path("configs")
+
+    def __init__(
+        self,
+        *,
+        run: str,
+        client: Any,
+        optimizer_info: OptimizerInfo,
+        optimizer_state: OptimizationState,
+        shared_errors: ErrDump,
+        pipeline_space: Any,
+        space_fingerprint: str,
+        allow_pickle: bool,
+    ) -> None:
+        self.run = run
+        self.keys = RunKeys(run)
+        self._client = client
+        self._scripts = Scripts(client)
+        self._optimizer_info = optimizer_info
+        self._optimizer_state = optimizer_state
+        self._shared_errors = shared_errors
+        self._pipeline_space = pipeline_space
+        self._space_fingerprint = space_fingerprint
+        self._allow_pickle = allow_pickle
+        self._pending_hint: list[str] = []
+
+        self.lease_seconds = defaults.env_float(
+            "NEPS_REDIS_LEASE_SECONDS", defaults.LEASE_SECONDS
+        )
+        self.optimizer_lease_seconds = defaults.env_float(
+            "NEPS_REDIS_OPTIMIZER_LEASE_SECONDS", defaults.OPTIMIZER_LEASE_SECONDS
+        )
+        self.optimizer_wait_seconds = defaults.env_float(
+            "NEPS_REDIS_OPTIMIZER_WAIT_SECONDS", defaults.OPTIMIZER_WAIT_SECONDS
+        )
+        self.events_maxlen = int(
+            defaults.env_float("NEPS_REDIS_EVENTS_MAXLEN", defaults.EVENTS_MAXLEN)
+        )
+        self.request_ttl_ms = int(
+            1000
+            * defaults.env_float(
+                "NEPS_REDIS_REQUEST_TTL_SECONDS", defaults.REQUEST_TTL_SECONDS
+            )
+        )
+
+    def __repr__(self) -> str:
+        return f"RedisNePSState(run={self.run!r}, server={self.server!r})"
+
+    @property
+    def client(self) -> Any:
+        """The redis-py client this state uses."""
+        return self._client
+
+    @property
+    def server(self) -> str:
+        """Where the state lives, without any password."""
+        return describe_client(self._client)
+
+    # --- creation ----------------------------------------------------------
+
+    @classmethod
+    def create_or_load(
+        cls,
+        run: str,
+        *,
+        redis: Any = None,
+        load_only: bool = False,
+        optimizer_info: OptimizerInfo | None = None,
+        optimizer_state: OptimizationState | None = None,
+        pipeline_space: Any = None,
+        allow_pickle: bool | None = None,
+    ) -> RedisNePSState:
+        """Create run `run`, or load it if it exists.
+
+        Args:
+            run: The run's name (spaces, colons and unicode are fine; braces
+                and control characters are not).
+            redis: A URL, a redis-py client, or None (NEPS_REDIS_URL, else the
+                embedded server if running, else redis://localhost:6379/0).
+            load_only: Only load; raise FileNotFoundError if it does not exist.
+            optimizer_info: Required unless `load_only`; compared with the
+                stored one as NePS does (NePSError when it differs).
+            optimizer_state: Required unless `load_only`; stored on creation.
+            pipeline_space: Compared with the stored one by fingerprint
+                (NePSError when it differs). Its pickle is stored only when
+                `allow_pickle`.
+            allow_pickle: Store the pipeline space as a pickle, and unpickle
+                it when asked for it. Default: NEPS_REDIS_ALLOW_PICKLE.
+
+        Raises:
+            FileNotFoundError: `load_only` and the run does not exist.
+            NePSError: Different optimizer info or pipeline space; a run
+                written by an incompatible layout version; an evicting server.
+        """
+        keys = RunKeys(run)
+        client = connect(redis)
+        check_server(client)
+        if allow_pickle is None:
+            allow_pickle = defaults.env_flag(ALLOW_PICKLE_ENV)
+
+        if load_only:
+            stored = cls._read_meta(client, keys)
+            if stored is None:
+                raise RunNotFoundError(
+                    f"No NePS run '{run}' at {describe_client(client)}."
+                )
+            cls._check_schema(run, stored.get("schema_version"))
+            return cls._load(
+                run, client, stored, pipeline_space=None, allow_pickle=allow_pickle
+            )
+
+        if optimizer_info is None or optimizer_state is None:
+            raise ValueError(
+                "optimizer_info and optimizer_state are required unless load_only."
+            )
+
+        # Encode everything before the first write: a value that cannot be
+        # stored fails here, with nothing written.
+        info_json = dumps_optimizer_info(optimizer_info)
+        state_fields = optimizer_state_to_fields(optimizer_state)
+        fingerprint = "" if pipeline_space is None else space_fingerprint(pipeline_space)
+        space_pickle = b""
+        if pipeline_space is not None and allow_pickle:
+            space_pickle = pickle.dumps(pipeline_space, protocol=pickle.HIGHEST_PROTOCOL)
+
+        scripts = Scripts(client)
+        reply = scripts.run(
+            "create_run",
+            [keys.meta, keys.optimizer_state, keys.pipeline_space, keys.events],
+            [
+                defaults.SCHEMA_VERSION,
+                info_json,
+                fingerprint,
+                repr(time.time()),
+                int(defaults.env_float("NEPS_REDIS_EVENTS_MAXLEN", defaults.EVENTS_MAXLEN)),
+                space_pickle,
+                len(state_fields),
+                *_flatten(state_fields),
+            ],
+        )
+        outcome = reply[0].decode()
+        if outcome == "created":
+            logger.info("Created run %r at %s.", run, describe_client(client))
+            if optimizer_state.worker_ids:
+                for worker_id in optimizer_state.worker_ids:
+                    cls._register(client, keys, worker_id)
+        else:
+            stored_version, stored_info, stored_fingerprint = (
+                x.decode() for x in reply[1:4]
+            )
+            cls._check_schema(run, stored_version)
+            existing = loads_optimizer_info(stored_info)
+            if not optimizer_info_matches(existing, optimizer_info):
+                raise NePSError(
+                    "The optimizer info stored for run"
+                    f" '{run}' does not match the one provided.\nStored:"
+                    f" {existing}\nProvided: {optimizer_info}"
+                )
+            if fingerprint and stored_fingerprint and fingerprint != stored_fingerprint:
+                raise NePSError(
+                    f"The pipeline space of run '{run}' does not match the one"
+                    " provided.\n\nTo continue this run: either omit the"
+                    " pipeline_space parameter or load the existing one. To start"
+                    " a new run with a different pipeline space, use a different"
+                    " run name or start it afresh."
+                )
+        stored = cls._read_meta(client, keys)
+        assert stored is not None
+        return cls._load(
+            run, client, stored, pipeline_space=pipeline_space, allow_pickle=allow_pickle
+        )
+
+    @staticmethod
+    def _read_meta(client: Any, keys: RunKeys) -> dict[str, str] | None:
+        raw = client.hgetall(keys.meta)
+        return decode_hash(raw) if raw else None
+
+    @staticmethod
+    def _check_schema(run: str, version: Any) -> None:
+        if str(version) != str(defaults.SCHEMA_VERSION):
+            raise SchemaVersionError(
+                f"Run '{run}' was written with key layout version {version}; this"
+                f" neps-redis reads version {defaults.SCHEMA_VERSION}. Use a"
+                " neps-redis release that matches the run."
+            )
+
+    @classmethod
+    def _load(
+        cls,
+        run: str,
+        client: Any,
+        meta: dict[str, str],
+        *,
+        pipeline_space: Any,
+        allow_pickle: bool,
+    ) -> RedisNePSState:
+        state = cls(
+            run=run,
+            client=client,
+            optimizer_info=loads_optimizer_info(meta["optimizer_info"]),
+            optimizer_state=None,  # type: ignore[arg-type]
+            shared_errors=ErrDump(),
+            pipeline_space=pipeline_space,
+            space_fingerprint=meta.get("space_fingerprint", ""),
+            allow_pickle=allow_pickle,
+        )
+        state._optimizer_state = state._read_optimizer_state()
+        state._shared_errors = state.lock_and_get_errors()
+        return state
+
+    @staticmethod
+    def _register(client: Any, keys: RunKeys, worker_id: str | None) -> str:
+        record = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": time.time(),
+        }
+        reply = Scripts(client).run(
+            "register_worker",
+            [keys.meta, keys.workers, keys.worker_info, keys.events, _request(keys)],
+            [
+                worker_id or "",
+                dumps_json(record, "worker record"),
+                defaults.EVENTS_MAXLEN,
+                int(defaults.REQUEST_TTL_SECONDS * 1000),
+            ],
+        )
+        return reply.decode()
+
+    # --- equality ----------------------------------------------------------
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RedisNePSState):
+            return NotImplemented
+        return (
+            self.run == other.run
+            and self.server == other.server
+            and self._optimizer_info == other._optimizer_info
+            and self._optimizer_state == other._optimizer_state
+            and self._shared_errors == other._shared_errors
+            and self._space_fingerprint == other._space_fingerprint
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    # --- workers -----------------------------------------------------------
+
+    def lock_and_set_new_worker_id(self, worker_id: str | None = None) -> str:
+        """Reserve a worker id (default ``worker_<n>``) and return it.
+
+        Raises:
+            NePSError: The id is already taken.
+        """
+        if worker_id is not None and not isinstance(worker_id, str):
+            raise InvalidNameError(
+                f"A worker id must be a str, got {type(worker_id).__name__}."
+            )
+        worker_id = self._register(self._client, self.keys, worker_id)
+        logger.info("Worker %r registered in run %r.", worker_id, self.run)
+        return worker_id
+
+    # --- reads -------------------------------------------------------------
+
+    def all_trial_ids(self) -> list[str]:
+        """Every trial id, in creation order."""
+        return [i.decode() for i in self._client.zrange(self.keys.trials, 0, -1)]
+
+    def _read_trials(self, ids: Iterable[str]) -> dict[str, Trial]:
+        """The trials with these ids, in the order given; missing ones skipped."""
+        ids = list(ids)
+        trials: dict[str, Trial] = {}
+        for start in range(0, len(ids), defaults.READ_CHUNK):
+            chunk = ids[start : start + defaults.READ_CHUNK]
+            pipe = self._client.pipeline(transaction=False)
+            for trial_id in chunk:
+                pipe.hgetall(self.keys.trial(trial_id))
+            for trial_id, raw in zip(chunk, pipe.execute(), strict=True):
+                if raw:
+                    trials[trial_id] = fields_to_trial(decode_hash(raw))
+        return trials
+
+    def lock_and_read_trials(self) -> dict[str, Trial]:
+        """Every trial, in creation order."""
+        return self._read_trials(self.all_trial_ids())
+
+    def lock_and_get_trial_by_id(self, trial_id: str) -> Trial:
+        """One trial.
+
+        Raises:
+            TrialNotFoundError: No trial has this id.
+        """
+        raw = self._client.hgetall(self.keys.trial(trial_id))
+        if not raw:
+            raise TrialNotFoundError(f"Trial '{trial_id}' not found in run '{self.run}'.")
+        return fields_to_trial(decode_hash(raw))
+
+    def unsafe_retry_get_trial_by_id(self, trial_id: str) -> Trial:
+        """One trial; connection faults are retried by the client itself, so
+        this is `lock_and_get_trial_by_id` (kept for NePS's callers)."""
+        return self.lock_and_get_trial_by_id(trial_id)
+
+    @overload
+    def lock_and_get_next_pending_trial(self) -> Trial | None: ...
+
+    @overload
+    def lock_and_get_next_pending_trial(self, n: int) -> list[Trial]: ...
+
+    def lock_and_get_next_pending_trial(
+        self, n: int | None = None
+    ) -> Trial | list[Trial] | None:
+        """The oldest pending trial(s) by time_sampled, without claiming them."""
+        count = 1 if n is None else n
+        if count <= 0:
+            return None if n is None else []
+        ids = [i.decode() for i in self._client.zrange(self.keys.pending, 0, count - 1)]
+        trials = list(self._read_trials(ids).values())
+        if n is None:
+            return trials[0] if trials else None
+        return trials
+
+    def lock_and_get_current_evaluating_trials(self) -> list[Trial]:
+        """Every evaluating trial, in creation order."""
+        ids = [i.decode() for i in self._client.zrange(self.keys.evaluating, 0, -1)]
+        trials = self._read_trials(ids)
+        order = {
+            i.decode(): s
+            for i, s in self._client.zrange(self.keys.trials, 0, -1, withscores=True)
+            if i.decode() in trials
+        }
+        return sorted(trials.values(), key=lambda t: order.get(t.id, math.inf))
+
+    def lock_and_get_errors(self) -> ErrDump:
+        """The shared errors, oldest first."""
+        entries = self._client.xrange(self.keys.errors)
+        return ErrDump([fields_to_error(decode_hash(fields)) for _, fields in entries])
+
+    def lock_and_get_optimizer_info(self) -> OptimizerInfo:
+        """The stored optimizer info."""
+        raw = self._client.hget(self.keys.meta, "optimizer_info")
+        if raw is None:
+            raise RunNotFoundError(f"Run '{self.run}' no longer exists.")
+        return loads_optimizer_info(raw)
+
+    @property
+    def fidelity_name(self) -> str | None:
+        """The config key of the fidelity, if the optimizer recorded one."""
+        derived = self._optimizer_info.get("derived") or {}
+        return (derived.get("fidelity") or {}).get("name")
+
+    def _read_optimizer_state(self) -> OptimizationState:
+        pipe = self._client.pipeline(transaction=False)
+        pipe.hgetall(self.keys.optimizer_state)
+        pipe.zrange(self.keys.workers, 0, -1)
+        raw, workers = pipe.execute()
+        if not raw:
+            raise RunNotFoundError(f"Run '{self.run}' has no optimizer state.")
+        worker_ids = [w.decode() for w in workers] or None
+        return fields_to_optimizer_state(raw, worker_ids)
+
+    def lock_and_get_optimizer_state(self) -> OptimizationState:
+        """The stored optimizer state, worker ids included."""
+        return self._read_optimizer_state()
+
+    def lock_and_get_search_space(self) -> Any:
+        """The pipeline space.
+
+        The pickled space stored in Redis is unpickled only when this state
+        was opened with `allow_pickle`; otherwise the space this process gave
+        to `create_or_load` is returned (None if it gave none).
+        """
+        if self._pipeline_space is not None:
+            return self._pipeline_space
+        if not self._allow_pickle:
+            if self._client.exists(self.keys.pipeline_space):
+                raise NePSError(
+                    f"Run '{self.run}' stores a pickled pipeline space, but"
+                    " unpickling data read from Redis runs code of whoever can"
+                    " write to it. Open the state with allow_pickle=True (or set"
+                    f" {ALLOW_PICKLE_ENV}=1) if you trust the server."
+                )
+            return None
+        data = self._client.get(self.keys.pipeline_space)
+        return None if data is None else pickle.loads(data)  # opted in above
+
+    def lock_and_get_global_budgets(
+        self,
+    ) -> tuple[int | None, float | None, int | float | None]:
+        """The run-wide budgets (evaluations, cost, fidelities)."""
+        budget = self._read_optimizer_state().budget
+        if budget is None:
+            return None, None, None
+        return (
+            budget.total_evaluations_to_spend,
+            budget.total_cost_to_spend,
+            budget.total_fidelities_to_spend,
+        )
+
+    # --- the optimizer lease -----------------------------------------------
+
+    def _acquire_optimizer_lease(self) -> str:
+        """Take the run's optimizer lease, waiting for it; returns its token."""
+        token = secrets.token_hex(16)
+        ttl_ms = int(self.optimizer_lease_seconds * 1000)
+        deadline = time.monotonic() + self.optimizer_wait_seconds
+        pause = 0.002
+        while not self._client.set(self.keys.optimizer_lease, token, nx=True, px=ttl_ms):
+            if time.monotonic() > deadline:
+                raise NePSError(
+                    f"Could not take the optimizer lease of run '{self.run}' within"
+                    f" {self.optimizer_wait_seconds:.0f} s."
+                )
+            time.sleep(pause)
+            pause = min(pause * 1.5, 0.05)
+        return token
+
+    def _release_optimizer_lease(self, token: str) -> None:
+        self._scripts.run("release_lease", [self.keys.optimizer_lease], [token])
+
+    def _store(
+        self,
+        trials: list[Trial],
+        *,
+        state_fields: Mapping[str, Any],
+        token: str,
+        release: bool,
+        event: str,
+        worker_id: str,
+    ) -> None:
+        """Run store_trials for new trials and optimizer-state fields."""
+        args: list[Any] = [
+            token,
+            "1" if release else "",
+            event,
+            worker_id,
+            self.events_maxlen,
+            self.request_ttl_ms,
+            int(self.lease_seconds * 1000),
+            len(state_fields),
+            *_flatten(state_fields),
+        ]
+        trial_keys = []
+        for trial in trials:
+            fields = trial_to_fields(trial)
+            if trial.token is not None:
+                fields["token"] = trial.token
+            args += [
+                trial.id,
+                fields["state"],
+                _score(trial.metadata.time_sampled),
+                len(fields),
+                *_flatten(fields),
+            ]
+            trial_keys.append(self.keys.trial(trial.id))
+        keys = self.keys
+        self._scripts.run(
+            "store_trials",
+            [
+                keys.meta,
+                keys.optimizer_lease,
+                keys.optimizer_state,
+                keys.trials,
+                keys.pending,
+                keys.evaluating,
+                keys.finished,
+                keys.counts,
+                keys.events,
+                _request(keys),
+                *trial_keys,
+            ],
+            args,
+        )
+
+    # --- sampling ----------------------------------------------------------
+
+    @overload
+    def lock_and_sample_trial(
+        self, optimizer: Any, *, worker_id: str, n: None = None
+    ) -> Trial: ...
+
+    @overload
+    def lock_and_sample_trial(
+        self, optimizer: Any, *, worker_id: str, n: int
+    ) -> list[Trial]: ...
+
+    def lock_and_sample_trial(
+        self, optimizer: Any, *, worker_id: str, n: int | None = None
+    ) -> Trial | list[Trial]:
+        """Ask the optimizer for new trials and store them, pending.
+
+        The optimizer sees every trial and the budget exactly as NePS passes
+        them. Reading, asking and storing form one critical section under the
+        optimizer lease, so ids chosen from the trials seen cannot collide.
+
+        Raises:
+            TrialAlreadyExistsError: The optimizer chose an id that exists;
+                nothing is stored.
+            LeaseLostError: The optimizer took longer than the lease.
+        """
+        token = self._acquire_optimizer_lease()
+        try:
+            trials = self._sample(optimizer, worker_id=worker_id, n=n, token=token)
+        except BaseException:
+            self._release_optimizer_lease(token)
+            raise
+        if n is None:
+            return trials[0]
+        return trials
+
+    def _sample(
+        self, optimizer: Any, *, worker_id: str, n: int | None, token: str
+    ) -> list[Trial]:
+        seen = self.lock_and_read_trials()
+        opt_state = self._read_optimizer_state()
+        opt_state.seed_snapshot.set_as_global_seed_state()
+        if opt_state.budget is not None:
+            opt_state.budget.used_cost_budget = sum(
+                t.report.cost
+                for t in seen.values()
+                if t.report is not None and t.report.cost is not None
+            )
+            opt_state.budget.used_evaluations = len(seen)
+
+        sampled = optimizer(
+            trials=seen,
+            budget_info=None if opt_state.budget is None else opt_state.budget.clone(),
+            n=n,
+        )
+        if not isinstance(sampled, list):
+            sampled = [sampled]
+
+        new: list[Trial] = []
+        for config in sampled:
+            new.append(self._new_trial(config, seen, worker_id))
+        opt_state.seed_snapshot.recapture()
+
+        self._store(
+            new,
+            state_fields=self._state_fields(opt_state),
+            token=token,
+            release=True,
+            event="sampled",
+            worker_id=worker_id,
+        )
+        logger.debug("Worker %r sampled %s.", worker_id, [t.id for t in new])
+        return new
+
+    def _new_trial(
+        self, config: SampledConfig, seen: Mapping[str, Trial], worker_id: str
+    ) -> Trial:
+        validate_trial_id(config.id)
+        previous_location = None
+        if config.previous_config_id is not None:
+            previous = seen.get(config.previous_config_id)
+            if previous is None:
+                raise ValueError(
+                    f"Previous trial '{config.previous_config_id}' not found."
+                )
+            previous_location = previous.metadata.location
+        return Trial.new(
+            trial_id=config.id,
+            config=config.config,
+            location=str(self.TRIAL_DIRECTORY / f"config_{_config_name(config.id)}"),
+            previous_trial=config.previous_config_id,
+            previous_trial_location=previous_location,
+            time_sampled=time.time(),
+            worker_id=worker_id,
+        )
+
+    @staticmethod
+    def _state_fields(opt_state: OptimizationState) -> dict[str, Any]:
+        fields: dict[str, Any] = {"budget": "", "shared_state": ""}
+        fields.update(optimizer_state_to_fields(opt_state))
+        return fields
+
+    def lock_and_update_global_budgets(
+        self,
+        *,
+        total_evaluations_to_spend: int | None,
+        total_cost_to_spend: float | None,
+        total_fidelities_to_spend: int | float | None,
+    ) -> None:
+        """Set the run-wide budgets that are not None."""
+        updates = {
+            "total_evaluations_to_spend": total_evaluations_to_spend,
+            "total_cost_to_spend": total_cost_to_spend,
+            "total_fidelities_to_spend": total_fidelities_to_spend,
+        }
+        updates = {k: v for k, v in updates.items() if v is not None}
+        if not updates:
+            return
+        token = self._acquire_optimizer_lease()
+        try:
+            opt_state = self._read_optimizer_state()
+            if opt_state.budget is None:
+                opt_state.budget = BudgetInfo()
+            for name, value in updates.items():
+                setattr(opt_state.budget, name, value)
+            self._store(
+                [],
+                state_fields=self._state_fields(opt_state),
+                token=token,
+                release=True,
+                event="budget",
+                worker_id="",
+            )
+        except BaseException:
+            self._release_optimizer_lease(token)
+            raise
+
+    # --- imports -----------------------------------------------------------
+
+    def lock_and_import_trials(
+        self, imported_configs: list[ImportedConfig], *, worker_id: str
+    ) -> list[Trial]:
+        """Store results obtained elsewhere as finished trials (state
+        external), all or none.
+
+        Raises:
+            ValueError: `imported_configs` is not a list.
+            TrialAlreadyExistsError: An id exists; nothing is imported.
+        """
+        if not isinstance(imported_configs, list):
+            raise ValueError(
+                f"imported_configs must be a list, got {type(imported_configs)}."
+            )
+        trials = Trial.load_from_dict(
+            imported_configs,
+            worker_id=worker_id,
+            trial_directory=self.TRIAL_DIRECTORY,
+        )
+        for trial in trials:
+            validate_trial_id(trial.id)
+        token = self._acquire_optimizer_lease()
+        try:
+            self._store(
+                trials,
+                state_fields={},
+                token=token,
+                release=True,
+                event="imported",
+                worker_id=worker_id,
+            )
+        except BaseException:
+            self._release_optimizer_lease(token)
+            raise
+        logger.info("Imported %d trials into run %r.", len(trials), self.run)
+        return trials
+
+    # --- claiming ----------------------------------------------------------
+
+    def claim_next_pending_trial(self, *, worker_id: str) -> Trial | None:
+        """The oldest pending trial, now evaluating for `worker_id`, or None.
+
+        One atomic step: no trial is ever given to two workers. The returned
+        trial carries the claim token that fences its report.
+        """
+        if not isinstance(worker_id, str) or not worker_id:
+            raise InvalidNameError("worker_id must be a non-empty str.")
+        time_started = repr(time.time())
+        token = secrets.token_hex(16)
+        request = _request(self.keys)
+        candidates = self._pending_hint[: defaults.CLAIM_CANDIDATES]
+        while True:
+            keys = self.keys
+            reply = self._scripts.run(
+                "claim",
+                [
+                    keys.pending,
+                    keys.evaluating,
+                    keys.finished,
+                    keys.counts,
+                    keys.events,
+                    request,
+                    *(keys.trial(c) for c in candidates),
+                ],
+                [
+                    worker_id,
+                    time_started,
+                    int(self.lease_seconds * 1000),
+                    token,
+                    self.events_maxlen,
+                    self.request_ttl_ms,
+                    *candidates,
+                ],
+            )
+            outcome = reply[0].decode()
+            if outcome == "empty":
+                self._pending_hint = []
+                return None
+            if outcome == "stale":
+                candidates = [i.decode() for i in reply[1:]]
+                continue
+            trial_id = reply[1].decode()
+            self._pending_hint = [c for c in candidates if c != trial_id]
+            values = iter(reply[2:])
+            trial = fields_to_trial(decode_hash(dict(zip(values, values))))
+            logger.info("Worker %r claimed trial %r.", worker_id, trial_id)
+            return trial
+
+    # --- reports and updates -----------------------------------------------
+
+    def lock_and_report_trial_evaluation(
+        self, trial: Trial, report: Report, *, worker_id: str
+    ) -> None:
+        """Store the report of an evaluated trial (set complete beforehand with
+        `Trial.set_complete`), and its error in the shared errors.
+
+        A trial returned by `claim_next_pending_trial` carries a claim token:
+        if another worker took the trial over meanwhile, nothing is stored
+        and LeaseLostError is raised.
+        """
+        trial.report = report
+        fields = trial_to_fields(trial)
+        clear = [f for f in (*_OPTIONAL_FIELDS, *_LEASE_FIELDS) if f not in fields]
+        err_fields: dict[str, str] = {}
+        if report.err is not None:
+            err_fields = error_to_fields(
+                SerializableTrialError(
+                    trial_id=trial.id,
+                    worker_id=worker_id,
+                    err_type=error_type_name(report.err) or "Exception",
+                    err=str(report.err),
+                    tb=report.tb,
+                )
+            )
+        keys = self.keys
+        self._scripts.run(
+            "report",
+            [
+                keys.trial(trial.id),
+                keys.pending,
+                keys.evaluating,
+                keys.finished,
+                keys.counts,
+                keys.errors,
+                keys.events,
+                _request(keys),
+            ],
+            [
+                trial.id,
+                trial.token or "",
+                worker_id,
+                fields["state"],
+                _score(trial.metadata.time_sampled),
+                self.events_maxlen,
+                self.request_ttl_ms,
+                int(self.lease_seconds * 1000),
+                len(clear),
+                *clear,
+                2 * len(fields),
+                *_flatten(fields),
+                2 * len(err_fields),
+                *_flatten(err_fields),
+            ],
+        )
+        logger.info(
+            "Worker %r reported trial %r as %s.", worker_id, trial.id, report.reported_as
+        )
+
+    def put_updated_trial(
+        self, trial: Trial, *, hints: list[str] | str | None = None
+    ) -> None:
+        """Replace the stored trial with this copy (`hints` are accepted for
+        NePS's callers; the whole trial is always written, in one step)."""
+        del hints
+        fields = trial_to_fields(trial)
+        clear = [f for f in _OPTIONAL_FIELDS if f not in fields]
+        if trial.metadata.state != State.EVALUATING:
+            clear += list(_LEASE_FIELDS)
+        elif trial.token is not None:
+            fields["token"] = trial.token
+        keys = self.keys
+        self._scripts.run(
+            "put_trial",
+            [
+                keys.trial(trial.id),
+                keys.pending,
+                keys.evaluating,
+                keys.finished,
+                keys.counts,
+                keys.events,
+                _request(keys),
+            ],
+            [
+                trial.id,
+                trial.metadata.evaluating_worker_id or "",
+                fields["state"],
+                _score(trial.metadata.time_sampled),
+                self.events_maxlen,
+                self.request_ttl_ms,
+                int(self.lease_seconds * 1000),
+                len(clear),
+                *clear,
+                2 * len(fields),
+                *_flatten(fields),
+            ],
+        )
+
+    def lock_and_reset_trial_by_id(self, trial_id: str) -> None:
+        """Put a trial back to pending, dropping its report and its errors.
+
+        Raises:
+            TrialNotFoundError: (a NePSError) No trial has this id.
+        """
+        keys = self.keys
+        self._scripts.run(
+            "reset_trial",
+            [
+                keys.trial(trial_id),
+                keys.pending,
+                keys.evaluating,
+                keys.finished,
+                keys.counts,
+                keys.errors,
+                keys.events,
+                _request(keys),
+            ],
+            [
+                trial_id,
+                self.events_maxlen,
+                self.request_ttl_ms,
+                *REPORT_FIELDS,
+                *_EVALUATION_FIELDS,
+                *_LEASE_FIELDS,
+            ],
+        )
+        logger.info("Trial %r of run %r reset to pending.", trial_id, self.run)
+
+    def lock_and_remove_trial_by_id(self, trial_id: str) -> None:
+        """Delete a trial and its own shared errors.
+
+        Raises:
+            TrialNotFoundError: (a NePSError) No trial has this id.
+        """
+        keys = self.keys
+        self._scripts.run(
+            "remove_trial",
+            [
+                keys.trial(trial_id),
+                keys.trials,
+                keys.pending,
+                keys.evaluating,
+                keys.finished,
+                keys.counts,
+                keys.errors,
+                keys.events,
+                _request(keys),
+            ],
+            [trial_id, self.events_maxlen, self.request_ttl_ms],
+        )
+        logger.info("Trial %r removed from run %r.", trial_id, self.run)
+
+    # --- counts ------------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        """Number of trials in each state (states with none are left out)."""
+        raw = decode_hash(self._client.hgetall(self.keys.counts))
+        return {k: int(v) for k, v in raw.items() if int(v) > 0}
+
+
+def _request(keys: RunKeys) -> str:
+    """A fresh request key: one per write call, reused by redis-py's replays."""
+    return keys.request(uuid.uuid4().hex)
+
