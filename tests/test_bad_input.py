@@ -122,7 +122,7 @@ def test_a_report_that_cannot_be_stored_leaves_the_trial_as_it_was(state, r):
         learning_curve=None,
         err=None,
         tb=None,
-        extra={"handle": open},  # noqa: SIM115 - a function is not storable
+        extra={"handle": open},
         evaluation_duration=1.0,
     )
     before = dump_keys(r)
@@ -211,9 +211,7 @@ def test_an_evicting_server_is_accepted_with_a_warning_when_allowed(
         create(server.url)
 
 
-def test_a_server_that_forbids_config_get_gives_a_warning_not_an_error(
-    redis_url, r
-):
+def test_a_server_that_forbids_config_get_gives_a_warning_not_an_error(redis_url, r):
     # Given a user allowed everything but CONFIG
     r.acl_setuser(
         "worker",

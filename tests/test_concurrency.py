@@ -54,12 +54,13 @@ def _create(url: str, run: str, start_at: float) -> tuple[bool, dict]:
     }
 
 
-def test_eight_processes_claim_each_of_500_pending_trials_exactly_once(
-    redis_url, r
-):
+def test_eight_processes_claim_each_of_500_pending_trials_exactly_once(redis_url, r):
     # Given 500 pending trials
     state = RedisNePSState.create_or_load(
-        "claims", redis=redis_url, optimizer_info=INFO, optimizer_state=_optimizer_state()
+        "claims",
+        redis=redis_url,
+        optimizer_info=INFO,
+        optimizer_state=_optimizer_state(),
     )
     optimizer = CountingRandomSearch()
     for _ in range(5):
@@ -82,9 +83,7 @@ def test_eight_processes_claim_each_of_500_pending_trials_exactly_once(
     assert r.zcard(keys.pending) == 0
     assert r.zcard(keys.evaluating) == 500
     assert state.counts() == {"evaluating": 500}
-    events = Counter(
-        fields[b"event"] for _, fields in r.xrange(keys.events, "-", "+")
-    )
+    events = Counter(fields[b"event"] for _, fields in r.xrange(keys.events, "-", "+"))
     assert events[b"claimed"] == 500
     owners = {
         t.id: t.metadata.evaluating_worker_id
@@ -100,7 +99,10 @@ def test_eight_processes_sampling_at_once_get_unique_ids_and_one_rng_sequence(
     # Given a run whose stored RNG starts from a known seed
     np.random.seed(42)
     RedisNePSState.create_or_load(
-        "samples", redis=redis_url, optimizer_info=INFO, optimizer_state=_optimizer_state()
+        "samples",
+        redis=redis_url,
+        optimizer_info=INFO,
+        optimizer_state=_optimizer_state(),
     )
     np.random.seed(42)
     expected = [float(np.random.uniform()) for _ in range(80)]

@@ -67,8 +67,17 @@ def test_no_script_builds_a_key_from_a_string():
 def test_the_lua_files_are_found_in_an_installed_wheel(tmp_path):
     # Given a wheel built from this checkout
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-         "-w", str(tmp_path), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
         check=True,
         capture_output=True,
     )
@@ -85,7 +94,11 @@ def test_the_lua_files_are_found_in_an_installed_wheel(tmp_path):
     target = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(target)
     found = subprocess.run(
-        [sys.executable, "-c", "from neps_redis.scripts import lua_dir; print(lua_dir())"],
+        [
+            sys.executable,
+            "-c",
+            "from neps_redis.scripts import lua_dir; print(lua_dir())",
+        ],
         env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"},
         check=True,
         capture_output=True,

@@ -107,9 +107,7 @@ def test_a_report_whose_reply_was_lost_is_recorded_once(proxied, proxy, r):
 def test_a_sample_whose_reply_was_lost_stores_its_trials_once(proxied, proxy, r):
     proxy.drop_next_reply("EVALSHA")
 
-    trials = proxied.lock_and_sample_trial(
-        CountingRandomSearch(), worker_id="w", n=2
-    )
+    trials = proxied.lock_and_sample_trial(CountingRandomSearch(), worker_id="w", n=2)
 
     assert proxy.dropped == 1
     assert [t.id for t in trials] == ["4", "5"]
@@ -117,9 +115,7 @@ def test_a_sample_whose_reply_was_lost_stores_its_trials_once(proxied, proxy, r)
     assert events(r)[b"sampled"] == 5
 
 
-def test_a_worker_registration_whose_reply_was_lost_registers_once(
-    proxied, proxy
-):
+def test_a_worker_registration_whose_reply_was_lost_registers_once(proxied, proxy):
     proxy.drop_next_reply("EVALSHA")
 
     worker_id = proxied.lock_and_set_new_worker_id()
@@ -132,9 +128,7 @@ def test_a_worker_registration_whose_reply_was_lost_registers_once(
 @pytest.mark.parametrize(
     "method", ["lock_and_reset_trial_by_id", "lock_and_remove_trial_by_id"]
 )
-def test_a_reset_or_remove_whose_reply_was_lost_acts_once(
-    proxied, proxy, r, method
-):
+def test_a_reset_or_remove_whose_reply_was_lost_acts_once(proxied, proxy, r, method):
     proxy.drop_next_reply("EVALSHA")
 
     getattr(proxied, method)("1")

@@ -277,9 +277,7 @@ def test_claim_on_an_empty_queue_returns_none(state):
     assert state.claim_next_pending_trial(worker_id="w") is None
 
 
-def test_claims_drain_the_queue_in_order_even_when_the_hint_is_stale(
-    state, redis_url
-):
+def test_claims_drain_the_queue_in_order_even_when_the_hint_is_stale(state, redis_url):
     other = RedisNePSState.create_or_load("run", redis=redis_url, load_only=True)
     state.lock_and_sample_trial(CountingRandomSearch(), worker_id="s", n=12)
     claimed = [state.claim_next_pending_trial(worker_id="a").id for _ in range(3)]

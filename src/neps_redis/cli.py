@@ -93,10 +93,6 @@ class _Cli(click.Group):
             raise click.ClickException(_readable(error, settings)) from None
 
 
-def _stderr() -> Console:
-    return Console(stderr=True)
-
-
 def _probe(url: str) -> None:
     """Raise the client's ConnectionError at once if nothing answers at `url`."""
     client = client_from_url(
@@ -140,9 +136,8 @@ def main(ctx: click.Context, redis_url: str | None, debug: bool) -> None:
     logging.basicConfig(
         level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    logging.getLogger("neps_redis").setLevel(
-        logging.DEBUG if debug else logging.WARNING
-    )
+    if debug:
+        logging.getLogger("neps_redis").setLevel(logging.DEBUG)
 
 
 # --- demo ------------------------------------------------------------------
@@ -157,21 +152,23 @@ def _server_for_demo(settings: _Settings) -> str:
     url = resolve_url()
     embedded = EmbeddedServer()
     if url != defaults.FALLBACK_URL:
-        where = f"the embedded server at {url} (data in {embedded.data_dir})"
-        _stderr().print(f"Using {where}.", highlight=False)
+        click.echo(
+            f"Using the embedded server at {url} (data in {embedded.data_dir}).",
+            err=True,
+        )
         return url
     if _answers(url):
-        _stderr().print(
-            f"Using the server at {url} (its data lives where that server keeps it).",
-            highlight=False,
+        click.echo(
+            f"Using the server at {url}; the run's data lives in that server.",
+            err=True,
         )
         return url
 
     url = embedded.start()
-    _stderr().print(
+    click.echo(
         f"Started the embedded server at {url} (data in {embedded.data_dir});"
         " stop it with `neps-redis server stop`.",
-        highlight=False,
+        err=True,
     )
     return url
 
@@ -224,10 +221,10 @@ def demo(
     run = run or default_run_name()
     if workdir is None:
         workdir = Path(tempfile.mkdtemp(prefix="neps-redis-demo-"))
-    _stderr().print(
+    click.echo(
         f"Run '{run}': {workers} workers, budget {budget}, seed {seed};"
         f" worker directories in {workdir}.",
-        highlight=False,
+        err=True,
     )
 
     try:
@@ -238,7 +235,7 @@ def demo(
             budget=budget,
             seed=seed,
             workdir=workdir,
-            console=_stderr(),
+            console=Console(stderr=True),
         )
     except WorkerFailedError as error:
         _print_summary(error.summary)

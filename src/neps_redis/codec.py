@@ -97,7 +97,9 @@ def to_tagged(value: Any, where: str, *, binary: bool = False) -> Any:
             ]
         }
     if type(value) is list:
-        return [to_tagged(v, f"{where}[{i}]", binary=binary) for i, v in enumerate(value)]
+        return [
+            to_tagged(v, f"{where}[{i}]", binary=binary) for i, v in enumerate(value)
+        ]
     if isinstance(value, Mapping):
         return _tag_mapping(value, where, binary=binary)
     if _is_torch_tensor(value):

@@ -14,6 +14,7 @@ shown to a person.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -176,8 +177,7 @@ def check_server(client: Any) -> ServerDescription:
                 f"{message}, or set {ALLOW_EVICTION_ENV}=1 to accept the risk."
             )
         warnings.warn(message + ".", stacklevel=3)
-    try:
+    # A client that cannot be weakly referenced is simply checked each time.
+    with contextlib.suppress(TypeError):
         _checked[client] = server
-    except TypeError:
-        pass
     return server

@@ -62,3 +62,27 @@ def env_float(name: str, default: float) -> float:
 def env_flag(name: str) -> bool:
     """True when the environment variable is set to 1/true/yes."""
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+# The settings as this process sees them: the default, unless overridden by
+# the environment variable named beside it.
+
+
+def lease_seconds() -> float:
+    return env_float("NEPS_REDIS_LEASE_SECONDS", LEASE_SECONDS)
+
+
+def optimizer_lease_seconds() -> float:
+    return env_float("NEPS_REDIS_OPTIMIZER_LEASE_SECONDS", OPTIMIZER_LEASE_SECONDS)
+
+
+def optimizer_wait_seconds() -> float:
+    return env_float("NEPS_REDIS_OPTIMIZER_WAIT_SECONDS", OPTIMIZER_WAIT_SECONDS)
+
+
+def events_maxlen() -> int:
+    return int(env_float("NEPS_REDIS_EVENTS_MAXLEN", EVENTS_MAXLEN))
+
+
+def request_ttl_ms() -> int:
+    return int(1000 * env_float("NEPS_REDIS_REQUEST_TTL_SECONDS", REQUEST_TTL_SECONDS))

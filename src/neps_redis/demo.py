@@ -44,6 +44,7 @@ from neps_redis.errors import NePSError
 from neps_redis.model import (
     BudgetInfo,
     OptimizationState,
+    Report,
     SampledConfig,
     SeedSnapshot,
     State,
@@ -192,11 +193,6 @@ def _digits_split() -> tuple[Any, Any, Any, Any]:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
     from sklearn.preprocessing import StandardScaler
-    from threadpoolctl import threadpool_limits
-
-    # One BLAS/OpenMP thread per process: the workers are the parallelism,
-    # and four workers on two cores each starting two threads would fight.
-    threadpool_limits(limits=1)
 
     x, y = load_digits(return_X_y=True)
     x_train, x_valid, y_train, y_valid = train_test_split(
@@ -267,7 +263,7 @@ def _evaluate(
     worker_id: str,
     directory: Path,
     objective: Callable[[Mapping[str, Any]], Any],
-) -> Any:
+) -> Report:
     """Evaluate one claimed trial and return its report; never raises for an
     error of the objective, which becomes a crashed report."""
     started = time.monotonic()
@@ -314,6 +310,14 @@ def _work(args: _WorkerArgs) -> None:
         level=args.log_level,
         format="%(asctime)s %(processName)s %(levelname)s %(name)s: %(message)s",
     )
+    # One BLAS thread per worker: the workers are the parallelism, and four
+    # workers on two cores each starting two threads would fight. The
+    # limiter comes with scikit-learn; a custom objective may do without.
+    with contextlib.suppress(ImportError):
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=1)
+
     try:
         state = RedisNePSState.create_or_load(
             args.run, redis=args.redis_url, load_only=True
@@ -451,11 +455,6 @@ def run_demo(
         )
     redis_url = resolve_url(redis_url)
     run = run or default_run_name()
-    if workdir is None:
-        workdir = tempfile.mkdtemp(prefix="neps-redis-demo-")
-    directory = Path(workdir) / _directory_name(run)
-    directory.mkdir(parents=True, exist_ok=True)
-
     state = RedisNePSState.create_or_load(
         run,
         redis=redis_url,
@@ -472,6 +471,10 @@ def run_demo(
             total_cost_to_spend=None,
             total_fidelities_to_spend=None,
         )
+    if workdir is None:
+        workdir = tempfile.mkdtemp(prefix="neps-redis-demo-")
+    directory = Path(workdir) / _directory_name(run)
+    directory.mkdir(parents=True, exist_ok=True)
     logger.info(
         "Demo run %r at %s: %d workers, budget %d, directory %r.",
         run,

@@ -59,9 +59,7 @@ def validate_run_name(run: str) -> str:
             " tag that keeps a run's keys in one Redis Cluster slot."
         )
     if bad := _control_chars(run):
-        raise InvalidNameError(
-            f"Run name {run!r} contains control characters {bad!r}."
-        )
+        raise InvalidNameError(f"Run name {run!r} contains control characters {bad!r}.")
     return run
 
 

@@ -40,7 +40,7 @@ class State(StrEnum):
 
 
 @dataclass
-class MetaData:  # noqa: PLW1641 - mutable, like NePS's
+class MetaData:
     """Bookkeeping of a trial; the field order is the key order of metadata.json."""
 
     id: str
@@ -73,7 +73,9 @@ class MetaData:  # noqa: PLW1641 - mutable, like NePS's
 def _same_number(a: Any, b: Any) -> bool:
     """Equality that holds NaN equal to NaN, also inside lists (multi-objective)."""
     if isinstance(a, list | tuple) and isinstance(b, list | tuple):
-        return len(a) == len(b) and all(_same_number(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(
+            _same_number(x, y) for x, y in zip(a, b, strict=True)
+        )
     a_nan = isinstance(a, float | np.floating) and math.isnan(a)
     b_nan = isinstance(b, float | np.floating) and math.isnan(b)
     if a_nan or b_nan:
@@ -82,7 +84,7 @@ def _same_number(a: Any, b: Any) -> bool:
 
 
 @dataclass
-class Report:  # noqa: PLW1641 - mutable, like NePS's
+class Report:
     """The outcome of evaluating a trial's config."""
 
     objective_to_minimize: float | list[float] | None
@@ -145,7 +147,7 @@ def _deep_equal(a: Any, b: Any) -> bool:
         return (
             type(a) is type(b)
             and len(a) == len(b)
-            and all(_deep_equal(x, y) for x, y in zip(a, b))
+            and all(_deep_equal(x, y) for x, y in zip(a, b, strict=True))
         )
     return bool(a == b)
 
@@ -330,7 +332,7 @@ class BudgetInfo:
 
 
 @dataclass
-class SeedSnapshot:  # noqa: PLW1641 - mutable, like NePS's
+class SeedSnapshot:
     """The global random number generators' states (random, numpy, torch)."""
 
     np_rng: tuple[str, np.ndarray, int, int, float]

@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal, overload
+from typing import Any, overload
 
 from neps_redis import defaults
 from neps_redis.codec import (
@@ -72,11 +72,14 @@ ALLOW_PICKLE_ENV = "NEPS_REDIS_ALLOW_PICKLE"
 
 # Fields the server manages; a caller's copy of a trial never carries them.
 _LEASE_FIELDS = ("token", "lease_deadline_ms")
-_OPTIONAL_FIELDS = tuple(
-    name
-    for name in METADATA_FIELDS
-    if name not in ("id", "state", "location", "sampling_worker_id", "time_sampled")
-) + REPORT_FIELDS
+_OPTIONAL_FIELDS = (
+    tuple(
+        name
+        for name in METADATA_FIELDS
+        if name not in ("id", "state", "location", "sampling_worker_id", "time_sampled")
+    )
+    + REPORT_FIELDS
+)
 _EVALUATION_FIELDS = (
     "evaluating_worker_id",
     "evaluation_duration",
@@ -169,24 +172,11 @@ class RedisNePSState:
         self._allow_pickle = allow_pickle
         self._pending_hint: list[str] = []
 
-        self.lease_seconds = defaults.env_float(
-            "NEPS_REDIS_LEASE_SECONDS", defaults.LEASE_SECONDS
-        )
-        self.optimizer_lease_seconds = defaults.env_float(
-            "NEPS_REDIS_OPTIMIZER_LEASE_SECONDS", defaults.OPTIMIZER_LEASE_SECONDS
-        )
-        self.optimizer_wait_seconds = defaults.env_float(
-            "NEPS_REDIS_OPTIMIZER_WAIT_SECONDS", defaults.OPTIMIZER_WAIT_SECONDS
-        )
-        self.events_maxlen = int(
-            defaults.env_float("NEPS_REDIS_EVENTS_MAXLEN", defaults.EVENTS_MAXLEN)
-        )
-        self.request_ttl_ms = int(
-            1000
-            * defaults.env_float(
-                "NEPS_REDIS_REQUEST_TTL_SECONDS", defaults.REQUEST_TTL_SECONDS
-            )
-        )
+        self.lease_seconds = defaults.lease_seconds()
+        self.optimizer_lease_seconds = defaults.optimizer_lease_seconds()
+        self.optimizer_wait_seconds = defaults.optimizer_wait_seconds()
+        self.events_maxlen = defaults.events_maxlen()
+        self.request_ttl_ms = defaults.request_ttl_ms()
 
     def __repr__(self) -> str:
         return f"RedisNePSState(run={self.run!r}, server={self.server!r})"
@@ -263,10 +253,14 @@ class RedisNePSState:
         # stored fails here, with nothing written.
         info_json = dumps_optimizer_info(optimizer_info)
         state_fields = optimizer_state_to_fields(optimizer_state)
-        fingerprint = "" if pipeline_space is None else space_fingerprint(pipeline_space)
+        fingerprint = (
+            "" if pipeline_space is None else space_fingerprint(pipeline_space)
+        )
         space_pickle = b""
         if pipeline_space is not None and allow_pickle:
-            space_pickle = pickle.dumps(pipeline_space, protocol=pickle.HIGHEST_PROTOCOL)
+            space_pickle = pickle.dumps(
+                pipeline_space, protocol=pickle.HIGHEST_PROTOCOL
+            )
 
         scripts = Scripts(client)
         reply = scripts.run(
@@ -277,7 +271,7 @@ class RedisNePSState:
                 info_json,
                 fingerprint,
                 repr(time.time()),
-                int(defaults.env_float("NEPS_REDIS_EVENTS_MAXLEN", defaults.EVENTS_MAXLEN)),
+                defaults.events_maxlen(),
                 space_pickle,
                 len(state_fields),
                 *_flatten(state_fields),
@@ -312,7 +306,11 @@ class RedisNePSState:
         stored = cls._read_meta(client, keys)
         assert stored is not None
         return cls._load(
-            run, client, stored, pipeline_space=pipeline_space, allow_pickle=allow_pickle
+            run,
+            client,
+            stored,
+            pipeline_space=pipeline_space,
+            allow_pickle=allow_pickle,
         )
 
     @staticmethod
@@ -366,8 +364,8 @@ class RedisNePSState:
             [
                 worker_id or "",
                 dumps_json(record, "worker record"),
-                defaults.EVENTS_MAXLEN,
-                int(defaults.REQUEST_TTL_SECONDS * 1000),
+                defaults.events_maxlen(),
+                defaults.request_ttl_ms(),
             ],
         )
         return reply.decode()
@@ -436,7 +434,9 @@ class RedisNePSState:
         """
         raw = self._client.hgetall(self.keys.trial(trial_id))
         if not raw:
-            raise TrialNotFoundError(f"Trial '{trial_id}' not found in run '{self.run}'.")
+            raise TrialNotFoundError(
+                f"Trial '{trial_id}' not found in run '{self.run}'."
+            )
         return fields_to_trial(decode_hash(raw))
 
     def unsafe_retry_get_trial_by_id(self, trial_id: str) -> Trial:
@@ -502,6 +502,10 @@ class RedisNePSState:
         worker_ids = [w.decode() for w in workers] or None
         return fields_to_optimizer_state(raw, worker_ids)
 
+    def worker_ids(self) -> list[str]:
+        """Every registered worker id, in registration order."""
+        return [w.decode() for w in self._client.zrange(self.keys.workers, 0, -1)]
+
     def lock_and_get_optimizer_state(self) -> OptimizationState:
         """The stored optimizer state, worker ids included."""
         return self._read_optimizer_state()
@@ -548,7 +552,9 @@ class RedisNePSState:
         ttl_ms = int(self.optimizer_lease_seconds * 1000)
         deadline = time.monotonic() + self.optimizer_wait_seconds
         pause = 0.002
-        while not self._client.set(self.keys.optimizer_lease, token, nx=True, px=ttl_ms):
+        while not self._client.set(
+            self.keys.optimizer_lease, token, nx=True, px=ttl_ms
+        ):
             if time.monotonic() > deadline:
                 raise NePSError(
                     f"Could not take the optimizer lease of run '{self.run}' within"
@@ -837,8 +843,8 @@ class RedisNePSState:
                 continue
             trial_id = reply[1].decode()
             self._pending_hint = [c for c in candidates if c != trial_id]
-            values = iter(reply[2:])
-            trial = fields_to_trial(decode_hash(dict(zip(values, values))))
+            fields = dict(zip(reply[2::2], reply[3::2], strict=True))
+            trial = fields_to_trial(decode_hash(fields))
             logger.info("Worker %r claimed trial %r.", worker_id, trial_id)
             return trial
 
@@ -899,7 +905,10 @@ class RedisNePSState:
             ],
         )
         logger.info(
-            "Worker %r reported trial %r as %s.", worker_id, trial.id, report.reported_as
+            "Worker %r reported trial %r as %s.",
+            worker_id,
+            trial.id,
+            report.reported_as,
         )
 
     def put_updated_trial(
@@ -1006,4 +1015,3 @@ class RedisNePSState:
 def _request(keys: RunKeys) -> str:
     """A fresh request key: one per write call, reused by redis-py's replays."""
     return keys.request(uuid.uuid4().hex)
-

@@ -115,11 +115,10 @@ def summarize(state: RedisNePSState) -> RunSummary:
     Reads every trial once; the counts come from the run's counts hash, so
     on a busy run they may be a moment newer than the trials.
     """
-    client, keys = state.client, state.keys
     stored = state.counts()
     counts = {s.value: int(stored.get(s.value, 0)) for s in State}
     trials = state.lock_and_read_trials()
-    registered = [w.decode() for w in client.zrange(keys.workers, 0, -1)]
+    registered = state.worker_ids()
     budget, _, _ = state.lock_and_get_global_budgets()
 
     multi_objective = _is_multi_objective(trials)
@@ -142,6 +141,6 @@ def summarize(state: RedisNePSState) -> RunSummary:
         best_config=None if best is None else dict(best.config),
         multi_objective=multi_objective,
         workers=_workers(trials, registered),
-        shared_errors=int(client.xlen(keys.errors)),
+        shared_errors=int(state.client.xlen(state.keys.errors)),
         registered_workers=len(registered),
     )
