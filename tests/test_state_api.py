@@ -549,3 +549,20 @@ def test_an_error_dump_entry_round_trips_with_every_field(state):
             tb="Traceback (most recent call last): ...",
         )
     ]
+
+
+def test_a_sampler_claims_its_own_new_trial_in_one_script_call(state, r):
+    # Given a worker that has just sampled into an empty queue
+    state.lock_and_sample_trial(CountingRandomSearch(), worker_id="w")
+    r.config_resetstat()
+
+    # When it claims
+    trial = state.claim_next_pending_trial(worker_id="w")
+
+    # Then one script call did it
+    stats = r.info("commandstats")
+    calls = sum(
+        v["calls"] for k, v in stats.items() if k in ("cmdstat_evalsha", "cmdstat_eval")
+    )
+    assert trial.id == "1"
+    assert calls == 1

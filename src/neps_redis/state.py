@@ -693,6 +693,9 @@ class RedisNePSState:
             worker_id=worker_id,
         )
         logger.debug("Worker %r sampled %s.", worker_id, [t.id for t in new])
+        # The sampler usually claims next: offer its new trials first, so the
+        # claim needs no extra round trip to learn the head of the queue.
+        self._pending_hint = [t.id for t in new] + self._pending_hint
         return new
 
     def _new_trial(
