@@ -2,11 +2,13 @@
 report: store a trial's evaluation result and finish it.
 
 The caller's copy of the trial (its metadata, set complete by NePS's
-`Trial.set_complete`, and its report) replaces the stored one. A report
-that presents a claim token is fenced: if the trial is no longer evaluating
-under that token (its lease expired and another worker took it over), the
-late result is recorded as an event and the trial is left untouched. A
-report with an error is appended to the shared errors.
+`Trial.set_complete`, and its report) replaces the stored one. A report is
+fenced by the claim token the copy carries: if the stored trial is held
+under another token (its lease expired and it was requeued, reset or taken
+over), or under a token while the copy carries none, the late result is
+recorded as an event, with its objective, and the trial is left untouched.
+A copy without a token may only report a trial that nobody holds. A report
+with an error is appended to the shared errors.
 
 KEYS[1] trial:<id>   hash
 KEYS[2] pending      zset
@@ -18,7 +20,7 @@ KEYS[7] events       stream
 KEYS[8] request      string (this request's reply, for replays)
 
 ARGV[1] trial id
-ARGV[2] claim token ('' for an unfenced report)
+ARGV[2] claim token of the caller's copy ('' when it carries none)
 ARGV[3] reporting worker id
 ARGV[4] the trial's new state
 ARGV[5] pending score (time_sampled), used if the new state is pending
@@ -32,7 +34,9 @@ then three lists, each a count followed by its values:
 Returns 'OK'.
 Errors: NEPS_TRIAL_NOT_FOUND <id>; NEPS_LEASE_LOST <id> (a late report);
 NEPS_BAD_ARGUMENT.
-Events: reported; late_report when fenced off.
+Events: reported; late_report when fenced off (with the state and
+objective_to_minimize the late report carried). A refused report answers a
+replay with the same refusal and no second event.
 ]]
 
 local key, errors, events, request = KEYS[1], KEYS[6], KEYS[7], KEYS[8]
@@ -40,8 +44,14 @@ local idx, counts = {KEYS[2], KEYS[3], KEYS[4]}, KEYS[5]
 local id, token, worker_id, state = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local maxlen, request_ttl, lease_ms = ARGV[6], ARGV[7], tonumber(ARGV[8])
 
+-- Kept as the reply of a refused report, so that a replay refuses again
+-- without recording the late result twice.
+local REFUSED = '!lease_lost'
+
 local done = replayed(request)
-if done then
+if done == REFUSED then
+  return fail(E.NEPS_LEASE_LOST, id)
+elseif done then
   return done
 end
 
@@ -60,14 +70,21 @@ end
 if redis.call('EXISTS', key) == 0 then
   return fail(E.NEPS_TRIAL_NOT_FOUND, id)
 end
-if token ~= '' then
-  local current = redis.call('HMGET', key, 'state', 'token')
-  if current[1] ~= 'evaluating' or current[2] ~= token then
-    -- Deliberately the only write of a refused report: the late result is
-    -- kept as an event so nobody's work vanishes without a trace.
-    emit(events, maxlen, 'late_report', id, worker_id, 'state', state)
-    return fail(E.NEPS_LEASE_LOST, id)
+local current = redis.call('HMGET', key, 'state', 'token')
+local held = current[1] == 'evaluating' and current[2] or ''
+if token ~= held then
+  -- Deliberately the only writes of a refused report: the late result is
+  -- kept as an event so nobody's work vanishes without a trace.
+  local late = {'state', state}
+  for i = 1, #set, 2 do
+    if set[i] == 'objective_to_minimize' then
+      table.insert(late, set[i])
+      table.insert(late, set[i + 1])
+    end
   end
+  emit(events, maxlen, 'late_report', id, worker_id, unpack(late))
+  remember(request, REFUSED, request_ttl)
+  return fail(E.NEPS_LEASE_LOST, id)
 end
 
 rewrite(key, id, state, ARGV[5], now_ms() + (lease_ms or 0), clear, set, idx,

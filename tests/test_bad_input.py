@@ -246,3 +246,71 @@ def test_an_unreachable_server_error_does_not_show_the_password():
     with pytest.raises(Exception) as error:
         create("redis://user:s3cret@127.0.0.1:1/0")
     assert "s3cret" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "secret"),
+    [
+        ("redis://user:s3cret@127.0.0.1:1/0", "s3cret"),
+        ("redis://127.0.0.1:1/0?password=S3cretPW", "S3cretPW"),
+        ("unix:///nonexistent/sock?password=S3cretPW", "S3cretPW"),
+        ("redis://alice:S3c@retPW@127.0.0.1:1/0", "retPW"),
+        ("redis://alice:S3c/retPW@127.0.0.1:1/0", "retPW"),
+    ],
+)
+def test_a_password_in_any_part_of_a_url_is_redacted(url, secret):
+    from neps_redis.connection import redact_text, redact_url
+
+    assert secret not in redact_url(url)
+    assert secret not in redact_text(f"could not reach {url}", url)
+
+
+def test_a_string_that_is_not_valid_unicode_is_refused_naming_the_field(state, r):
+    before = dump_keys(r)
+    with pytest.raises(EncodingError, match=r"trial '9' config.*not valid unicode"):
+        state.lock_and_sample_trial(
+            lambda trials, budget_info, n=None: SampledConfig("9", {"name": "\ud800"}),
+            worker_id="w",
+        )
+    assert dump_keys(r) == before
+
+
+def test_an_error_whose_str_fails_is_still_reported_by_its_repr(state):
+    class UnprintableError(Exception):
+        def __str__(self):
+            raise RuntimeError("no")
+
+    trial = state.claim_next_pending_trial(worker_id="w")
+    report = trial.set_complete(
+        report_as="crashed",
+        time_end=time.time(),
+        objective_to_minimize=None,
+        cost=None,
+        learning_curve=None,
+        err=UnprintableError(),
+        tb=None,
+        extra=None,
+        evaluation_duration=1.0,
+    )
+    state.lock_and_report_trial_evaluation(trial, report, worker_id="w")
+    assert state.lock_and_get_errors().errs[-1].err_type == "UnprintableError"
+    assert state.lock_and_get_trial_by_id(trial.id).metadata.state == "crashed"
+
+
+def test_numpy_times_are_stored_as_plain_numbers_and_reset_keeps_the_trial(state, r):
+    # Given a claimed trial whose times are numpy floats (one of them NaN)
+    import numpy as np
+
+    trial = state.claim_next_pending_trial(worker_id="w")
+    trial.metadata.time_sampled = np.float64(trial.metadata.time_sampled)
+    trial.metadata.time_started = np.float32("nan")
+    state.put_updated_trial(trial)
+    assert not r.hget(RunKeys("run").trial(trial.id), "time_sampled").startswith(b"{")
+
+    # When it is reset
+    state.lock_and_reset_trial_by_id(trial.id)
+
+    # Then it is pending, in the pending index, and the counts agree
+    assert r.zscore(RunKeys("run").pending, trial.id) is not None
+    assert state.counts() == {"pending": 2}
+    assert state.claim_next_pending_trial(worker_id="w").id == trial.id

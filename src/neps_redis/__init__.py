@@ -6,6 +6,8 @@ atomic Lua script, and workers on machines that share nothing but a Redis
 URL work on one run.
 """
 
+from typing import Any
+
 from neps_redis.errors import (
     EncodingError,
     InvalidNameError,
@@ -35,6 +37,20 @@ from neps_redis.state import RedisNePSState
 
 __version__ = "0.1.0"
 
+
+def run(
+    evaluate_pipeline: Any, pipeline_space: Any = None, *, run: str, **kwargs: Any
+) -> None:
+    """`neps.run` with the run's state in Redis (needs the `neps` extra).
+
+    See `neps_redis.neps_bridge.run`; NePS is imported only when this is
+    called, so that the rest of the package works without it.
+    """
+    from neps_redis.neps_bridge import run as run_on_redis
+
+    run_on_redis(evaluate_pipeline, pipeline_space, run=run, **kwargs)
+
+
 __all__ = [
     "BudgetInfo",
     "EncodingError",
@@ -59,4 +75,5 @@ __all__ = [
     "TrialNotFoundError",
     "UnsafeServerError",
     "__version__",
+    "run",
 ]

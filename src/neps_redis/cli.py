@@ -13,7 +13,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import click
 from redis.backoff import NoBackoff
@@ -26,7 +25,15 @@ from rich.table import Table
 from rich.text import Text
 
 from neps_redis import __version__, defaults
-from neps_redis.connection import URL_ENV, client_from_url, redact_url, resolve_url
+from neps_redis.check import inspect_run
+from neps_redis.cli_export import export_command, import_command
+from neps_redis.connection import (
+    URL_ENV,
+    client_from_url,
+    redact_text,
+    redact_url,
+    resolve_url,
+)
 from neps_redis.demo import (
     DEFAULT_BUDGET,
     DEFAULT_SEED,
@@ -61,18 +68,21 @@ class _Settings:
 
 def _scrub(text: str, url: str | None) -> str:
     """`text` without the password of `url`, wherever it might appear."""
-    if not url:
-        return text
-    try:
-        password = urlsplit(url).password
-    except ValueError:
-        password = None
-    return text.replace(password, "***") if password else text
+    return redact_text(text, url)
 
 
 def _readable(error: Exception, settings: _Settings) -> str:
     if isinstance(error, RedisConnectionError | RedisTimeoutError):
-        message = f"Cannot reach the Redis server at {settings.shown()}: {error}"
+        message = (
+            f"Cannot reach the Redis server at {settings.shown()}:"
+            f" {str(error).rstrip('.')}."
+        )
+        if settings.shown() == defaults.FALLBACK_URL:
+            message += (
+                " Nothing is configured (no --redis, no NEPS_REDIS_URL) and your"
+                " embedded server is not running: start it with `neps-redis server"
+                " start` if your runs are there."
+            )
     elif isinstance(error, RedisError):
         message = f"The Redis server at {settings.shown()} refused: {error}"
     else:
@@ -333,6 +343,56 @@ def _print_summary(summary: RunSummary) -> None:
     Console(highlight=False).print(Group(*lines))
 
 
+# --- check and reap --------------------------------------------------------
+
+
+@main.command()
+@click.argument("run")
+@click.pass_obj
+def check(settings: _Settings, run: str) -> None:
+    """Check that RUN's keys agree with each other (indexes, counts, leases,
+    sequence numbers, events); exit 1 naming every violation."""
+    settings.url = resolve_url(settings.redis_url)
+    _probe(settings.url)
+    client = client_from_url(settings.url)
+    try:
+        result = inspect_run(client, run)
+    finally:
+        client.close()
+    for note in result.notes:
+        click.echo(f"note: {note}")
+    for violation in result.violations:
+        click.echo(f"violation: {violation}")
+    if not result.ok:
+        raise click.ClickException(
+            f"Run '{run}': {len(result.violations)} violation(s) of its invariants."
+        )
+    click.echo(f"Run '{run}': {result.trials} trials, no violations.")
+
+
+@main.command()
+@click.argument("run")
+@click.pass_obj
+def reap(settings: _Settings, run: str) -> None:
+    """Requeue RUN's trials whose lease expired (their worker died), now; a
+    trial out of attempts is marked crashed. Prints what became of each."""
+    settings.url = resolve_url(settings.redis_url)
+    _probe(settings.url)
+    state = RedisNePSState.create_or_load(
+        run, redis=settings.url, load_only=True, heartbeat=False
+    )
+    swept = state.requeue_expired()
+    if not swept:
+        click.echo(f"Run '{run}': no trial's lease has expired.")
+    for trial_id, outcome in swept:
+        history = state.attempt_history(trial_id)
+        lost = history[-1] if history else {}
+        click.echo(
+            f"trial {trial_id}: {outcome} (worker {lost.get('worker_id')!r} lost"
+            f" it on attempt {lost.get('attempt')})"
+        )
+
+
 # --- the embedded server ---------------------------------------------------
 
 
@@ -384,3 +444,8 @@ def server_url() -> None:
             " with `neps-redis server start`."
         )
     click.echo(embedded.url)
+
+
+# Commands that live beside the concept they serve.
+main.add_command(export_command)
+main.add_command(import_command)

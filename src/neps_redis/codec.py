@@ -217,7 +217,23 @@ def _untag_array(inner: list) -> np.ndarray:
 
 def dumps_json(value: Any, where: str) -> str:
     """JSON text of `value` in tagged form (raises EncodingError)."""
-    return json.dumps(to_tagged(value, where), ensure_ascii=False, allow_nan=False)
+    try:
+        text = json.dumps(to_tagged(value, where), ensure_ascii=False, allow_nan=False)
+    except RecursionError:
+        raise EncodingError(f"Cannot store {where}: it is nested too deeply.") from None
+    return _checked_text(text, where)
+
+
+def _checked_text(text: str, where: str) -> str:
+    """`text` if it can be sent as UTF-8 (a lone surrogate cannot)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise EncodingError(
+            f"Cannot store {where}: it contains {text[error.start : error.end]!r},"
+            " which is not valid unicode text."
+        ) from None
+    return text
 
 
 def loads_json(text: str | bytes) -> Any:
@@ -270,7 +286,20 @@ def _encode_text(value: Any, where: str) -> str | None:
             f"Cannot store {where}: expected a str, got {type(value).__name__}"
             f" ({value!r:.60})."
         )
-    return str(value)
+    return _checked_text(str(value), where)
+
+
+def error_text(err: BaseException) -> str:
+    """An error's message; its repr or type name when `str()` itself fails,
+    so that a badly written exception cannot block its own report."""
+    for describe in (str, repr):
+        try:
+            text = describe(err)
+        except Exception:  # whatever fails, the next description is tried
+            continue
+        if isinstance(text, str):
+            return text
+    return type(err).__name__
 
 
 # --- trials ----------------------------------------------------------------
@@ -336,7 +365,7 @@ def report_to_fields(report: Report, where: str = "report") -> dict[str, str]:
             else dumps_json(report.learning_curve, f"{where}.learning_curve")
         ),
         "extra": dumps_json(report.extra, f"{where}.extra"),
-        "err": None if err is None else str(err),
+        "err": None if err is None else _checked_text(error_text(err), f"{where}.err"),
         "err_type": error_type_name(err),
         "tb": _encode_text(report.tb, f"{where}.tb"),
         "report_evaluation_duration": encode_number(
@@ -344,6 +373,23 @@ def report_to_fields(report: Report, where: str = "report") -> dict[str, str]:
         ),
     }
     return {k: v for k, v in values.items() if v is not None}
+
+
+def _encode_time(value: Any, where: str) -> str | None:
+    """A time or duration as plain number text. numpy numbers become Python
+    numbers: these fields are scores of the state indexes, which must be
+    plain numbers for Redis."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float | np.number):
+        raise EncodingError(
+            f"Cannot store {where}: expected a number or None, got"
+            f" {type(value).__name__} ({value!r:.60})."
+        )
+    number = value.item() if isinstance(value, np.generic) else value
+    if isinstance(number, complex):
+        raise EncodingError(f"Cannot store {where}: complex numbers are not times.")
+    return repr(number)
 
 
 def metadata_to_fields(metadata: MetaData, where: str = "metadata") -> dict[str, str]:
@@ -354,7 +400,7 @@ def metadata_to_fields(metadata: MetaData, where: str = "metadata") -> dict[str,
     }
     values.update(
         {
-            name: encode_number(getattr(metadata, name), f"{where}.{name}")
+            name: _encode_time(getattr(metadata, name), f"{where}.{name}")
             for name in _NUMBER_METADATA
         }
     )

@@ -5,7 +5,8 @@ the ``NEPS_REDIS_URL`` environment variable, else this user's embedded server
 if it is running, else ``redis://localhost:6379/0``.
 
 Every client this module makes retries a command whose connection broke,
-with jittered exponential backoff. That is safe only because every write
+with jittered exponential backoff, for long enough to outlive a restart of
+the server that takes a few seconds. That is safe only because every write
 script recognises a replay of itself (see ``lua/includes/replay.lua``).
 
 Passwords never leave this module in clear: use `redact_url` for anything
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.backoff import EqualJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -40,9 +41,39 @@ URL_ENV = "NEPS_REDIS_URL"
 ALLOW_EVICTION_ENV = "NEPS_REDIS_ALLOW_EVICTION"
 
 
+_SECRET_PARAMS = ("password", "ssl_password", "ssl_keyfile_password")
+
+
+def url_secrets(url: str) -> list[str]:
+    """Every password a URL carries: in its user info (even with an unquoted
+    ``@`` or ``/`` inside, which URL parsers get wrong) and in its query."""
+    secrets_: list[str] = []
+    _, sep, rest = url.partition("://")
+    if sep:
+        before_query = rest.split("?", 1)[0]
+        userinfo, at, _ = before_query.rpartition("@")
+        if at and ":" in userinfo:
+            secrets_.append(userinfo.split(":", 1)[1])
+    query = url.partition("?")[2]
+    for param in query.split("&"):
+        name, eq, value = param.partition("=")
+        if eq and name.lower() in _SECRET_PARAMS and value:
+            secrets_.append(value)
+    return [s for s in secrets_ if s]
+
+
+def redact_text(text: str, url: str | None) -> str:
+    """`text` with every password of `url` replaced by ``***``."""
+    if not url:
+        return text
+    for secret in sorted(url_secrets(url), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
 def redact_url(url: str) -> str:
     """`url` with any password replaced by ``***``."""
-    return re.sub(r"(://[^:@/]*:)[^@/]*@", r"\1***@", url)
+    return redact_text(url, url)
 
 
 def resolve_url(url: str | None = None) -> str:
@@ -58,9 +89,17 @@ def resolve_url(url: str | None = None) -> str:
     return defaults.FALLBACK_URL
 
 
-def retry_policy() -> Retry:
-    """Retries for a broken connection: 10 tries, 50 ms to 2 s apart."""
-    return Retry(ExponentialWithJitterBackoff(base=0.05, cap=2.0), retries=10)
+def retry_policy(retries: int = defaults.CONNECTION_RETRIES) -> Retry:
+    """Retries for a broken connection: 10 tries, 50 ms to 2 s apart.
+
+    Half of each pause is fixed and half random, so that the tries together
+    wait at least 6.5 s (a restarted server is back) while workers that lost
+    the server at the same moment do not all come back at the same moment.
+    """
+    backoff = EqualJitterBackoff(
+        base=defaults.CONNECTION_BACKOFF_BASE, cap=defaults.CONNECTION_BACKOFF_CAP
+    )
+    return Retry(backoff, retries=retries)
 
 
 def client_from_url(url: str, **kwargs: Any) -> redis.Redis:
@@ -75,6 +114,33 @@ def client_from_url(url: str, **kwargs: Any) -> redis.Redis:
         return redis.Redis.from_url(url, **options)
     except ValueError as error:
         raise NePSError(f"Invalid Redis URL {redact_url(url)!r}: {error}") from None
+
+
+# Connection settings that belong to one pool and must not be copied into
+# another: the new pool makes its own.
+_POOL_BOUND = ("maint_notifications_pool_handler",)
+
+
+def private_client(client: Any, **overrides: Any) -> Any:
+    """A client of the same server as `client`, with connections of its own.
+
+    A background thread (a heartbeat) uses one, so that it never waits for a
+    connection behind the caller's commands and its own timeouts and retries
+    can differ (`overrides` go to each connection). A client whose pool
+    cannot be copied (Sentinel, Cluster) is returned as it is: redis-py's
+    clients are safe to share between threads, only pipelines are not.
+    """
+    pool = getattr(client, "connection_pool", None)
+    if type(pool) not in (redis.ConnectionPool, redis.BlockingConnectionPool):
+        return client
+    kwargs = {
+        name: value
+        for name, value in pool.connection_kwargs.items()
+        if name not in _POOL_BOUND and not name.startswith("orig_")
+    }
+    kwargs.update(overrides)
+    copy = type(pool)(connection_class=pool.connection_class, **kwargs)
+    return redis.Redis(connection_pool=copy)
 
 
 def connect(target: Any = None) -> Any:

@@ -24,6 +24,7 @@ import math
 import multiprocessing
 import random
 import re
+import signal
 import sys
 import tempfile
 import time
@@ -306,6 +307,12 @@ def _evaluate(
 
 def _work(args: _WorkerArgs) -> None:
     """A worker process: claim, evaluate, report; sample when idle."""
+    # Ctrl-C reaches the whole process group. scikit-learn catches the
+    # KeyboardInterrupt inside `fit` and returns a half-trained model, which
+    # would be reported as a real result; so workers ignore it and the parent
+    # stops them instead, leaving an interrupted trial evaluating, never
+    # wrongly finished.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(
         level=args.log_level,
         format="%(asctime)s %(processName)s %(levelname)s %(name)s: %(message)s",
@@ -357,8 +364,7 @@ def _work(args: _WorkerArgs) -> None:
                     break
         logger.info("Worker %r finished in run %r.", worker_id, args.run)
     except KeyboardInterrupt:
-        # The parent saw the interrupt too and reports it; a traceback from
-        # every worker would bury that.
+        # Only when SIGINT is sent to this process alone: stop quietly.
         sys.exit(130)
 
 

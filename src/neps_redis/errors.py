@@ -52,6 +52,36 @@ class LeaseLostError(NePSError):
     """The caller no longer holds the lease it presents (trial or optimizer)."""
 
 
+class WorkerLostError(NePSError):
+    """A trial lost its worker (its lease expired) on every allowed attempt.
+
+    Never raised: its name is the `err_type` of the crash that the requeue
+    sweep records in the shared errors.
+    """
+
+
+class OptimizerInfoMismatchError(NePSError):
+    """A run was reopened with optimizer info other than the stored one."""
+
+
+class PipelineSpaceMismatchError(NePSError):
+    """A run was reopened with a pipeline space other than the stored one."""
+
+
+class RunInUseError(NePSError):
+    """The run cannot start afresh: workers are alive in it.
+
+    `live` lists, per trial evaluating under a live lease, the trial id, the
+    worker id and the lease deadline (ms, server clock); `sampling` is True
+    when a worker holds the optimizer lease.
+    """
+
+    def __init__(self, message: str, live: list[tuple[str, str, int]], sampling: bool):
+        super().__init__(message)
+        self.live = live
+        self.sampling = sampling
+
+
 class UnsafeServerError(NePSError):
     """The Redis server is configured so that it could silently lose the run."""
 
@@ -64,6 +94,25 @@ class InvalidStateError(NePSError):
     """A transition was asked for a trial in a state that does not allow it."""
 
 
+class RunExistsError(NePSError):
+    """The run exists already, where a new one was asked for."""
+
+
+class CorruptRunError(NePSError):
+    """A file of a NePS run directory cannot be read as NePS wrote it.
+
+    `path` is the file, `line` the line (1-based) where known, else None,
+    and `reason` what is wrong with it.
+    """
+
+    def __init__(self, path: Any, line: int | None, reason: str) -> None:
+        where = f"{path}" if line is None else f"{path}, line {line}"
+        super().__init__(f"{where}: {reason}")
+        self.path = path
+        self.line = line
+        self.reason = reason
+
+
 # code -> (exception class, what it means). Lua sees the codes as `E.<CODE>`.
 ERROR_CODES: dict[str, tuple[type[NePSError], str]] = {
     "NEPS_TRIAL_EXISTS": (TrialAlreadyExistsError, "a trial id is already stored"),
@@ -74,4 +123,5 @@ ERROR_CODES: dict[str, tuple[type[NePSError], str]] = {
     "NEPS_SCHEMA": (SchemaVersionError, "the run's layout version is not ours"),
     "NEPS_BAD_STATE": (InvalidStateError, "the trial's state forbids this"),
     "NEPS_BAD_ARGUMENT": (NePSError, "a script argument is malformed"),
+    "NEPS_RUN_EXISTS": (RunExistsError, "the run exists already"),
 }

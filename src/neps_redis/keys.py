@@ -19,6 +19,7 @@ any of them. Scripts never build keys: they receive them in ``KEYS``.
 | ``worker_info``            | hash   | worker id -> JSON record (host, pid, times)  |
 | ``optimizer_state``        | hash   | budget, RNG snapshot, shared state           |
 | ``optimizer_lease``        | string | token of the sampler holding the lease       |
+| ``sweep_lock``             | string | token of the last requeue sweep; expires     |
 | ``pipeline_space``         | string | pickled pipeline space (only when opted in)  |
 | ``request:<id>``           | string | reply of a write, kept briefly for replays   |
 """
@@ -167,6 +168,10 @@ class RunKeys:
         return self._key("optimizer_lease")
 
     @property
+    def sweep_lock(self) -> str:
+        return self._key("sweep_lock")
+
+    @property
     def pipeline_space(self) -> str:
         return self._key("pipeline_space")
 
@@ -198,5 +203,6 @@ class RunKeys:
             self.worker_info,
             self.optimizer_state,
             self.optimizer_lease,
+            self.sweep_lock,
             self.pipeline_space,
         ]

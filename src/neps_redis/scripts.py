@@ -37,6 +37,10 @@ TRANSITIONS = (
     "reset_trial",
     "remove_trial",
     "release_lease",
+    "heartbeat",
+    "requeue_expired",
+    "import_run",
+    "delete_run",
 )
 
 

@@ -7,13 +7,19 @@ several reads and writes, this class sends one atomic Lua script (see
 choosing new configs), it holds the run's optimizer lease, a token with an
 expiry that the storing script checks.
 
+A claimed trial is leased to its worker; the state's heartbeat (see
+`leases.py`) renews the lease while the trial is held, and live workers
+requeue the trials of dead ones.
+
 This module composes the lower floors (model, codec, keys, scripts,
-connection); it never imports `neps`, the CLI, the exporter or the demo.
+connection, leases); it never imports `neps`, the CLI, the exporter or the
+demo.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
@@ -22,6 +28,7 @@ import secrets
 import socket
 import time
 import uuid
+import weakref
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, overload
@@ -33,6 +40,7 @@ from neps_redis.codec import (
     decode_hash,
     dumps_json,
     dumps_optimizer_info,
+    error_text,
     error_to_fields,
     error_type_name,
     fields_to_error,
@@ -46,12 +54,24 @@ from neps_redis.connection import check_server, connect, describe_client
 from neps_redis.errors import (
     EncodingError,
     InvalidNameError,
+    LeaseLostError,
     NePSError,
+    OptimizerInfoMismatchError,
+    PipelineSpaceMismatchError,
+    RunInUseError,
     RunNotFoundError,
     SchemaVersionError,
     TrialNotFoundError,
 )
 from neps_redis.keys import RunKeys, validate_trial_id
+from neps_redis.leases import (
+    Heartbeat,
+    HeldTrial,
+    SweptTrial,
+    read_history,
+    renew,
+    sweep_expired,
+)
 from neps_redis.model import (
     BudgetInfo,
     ErrDump,
@@ -118,11 +138,10 @@ def optimizer_info_matches(stored: Mapping, given: Mapping) -> bool:
 
 def _score(time_sampled: Any) -> str:
     """A pending trial's place in the pending index; NaN sorts last."""
-    if time_sampled is None or (
-        isinstance(time_sampled, float) and math.isnan(time_sampled)
-    ):
+    if time_sampled is None:
         return "inf"
-    return repr(float(time_sampled))
+    value = float(time_sampled)
+    return "inf" if math.isnan(value) else repr(value)
 
 
 def _config_name(trial_id: str) -> str:
@@ -159,6 +178,7 @@ class RedisNePSState:
         pipeline_space: Any,
         space_fingerprint: str,
         allow_pickle: bool,
+        heartbeat: bool | None = None,
     ) -> None:
         self.run = run
         self.keys = RunKeys(run)
@@ -178,6 +198,17 @@ class RedisNePSState:
         self.events_maxlen = defaults.events_maxlen()
         self.request_ttl_ms = defaults.request_ttl_ms()
 
+        # Liveness (see leases.py): read when the heartbeat starts, so a
+        # caller may change them on a fresh state.
+        self.heartbeat_enabled = (
+            defaults.heartbeat_enabled() if heartbeat is None else heartbeat
+        )
+        self.heartbeat_seconds = defaults.heartbeat_seconds(self.lease_seconds)
+        self.sweep_seconds = defaults.sweep_seconds()
+        self.max_attempts = defaults.max_attempts()
+        self._heartbeat: Heartbeat | None = None
+        self._last_sweep = -math.inf
+
     def __repr__(self) -> str:
         return f"RedisNePSState(run={self.run!r}, server={self.server!r})"
 
@@ -190,6 +221,11 @@ class RedisNePSState:
     def server(self) -> str:
         """Where the state lives, without any password."""
         return describe_client(self._client)
+
+    @property
+    def allow_pickle(self) -> bool:
+        """Whether this state may store and unpickle the pipeline space."""
+        return self._allow_pickle
 
     # --- creation ----------------------------------------------------------
 
@@ -204,6 +240,7 @@ class RedisNePSState:
         optimizer_state: OptimizationState | None = None,
         pipeline_space: Any = None,
         allow_pickle: bool | None = None,
+        heartbeat: bool | None = None,
     ) -> RedisNePSState:
         """Create run `run`, or load it if it exists.
 
@@ -221,6 +258,10 @@ class RedisNePSState:
                 `allow_pickle`.
             allow_pickle: Store the pipeline space as a pickle, and unpickle
                 it when asked for it. Default: NEPS_REDIS_ALLOW_PICKLE.
+            heartbeat: Renew the leases of the trials this state claims from
+                a background thread (started with the first claim, stopped
+                by `close`). False for callers that keep leases alive
+                themselves. Default: on, unless NEPS_REDIS_HEARTBEAT=0.
 
         Raises:
             FileNotFoundError: `load_only` and the run does not exist.
@@ -241,7 +282,12 @@ class RedisNePSState:
                 )
             cls._check_schema(run, stored.get("schema_version"))
             return cls._load(
-                run, client, stored, pipeline_space=None, allow_pickle=allow_pickle
+                run,
+                client,
+                stored,
+                pipeline_space=None,
+                allow_pickle=allow_pickle,
+                heartbeat=heartbeat,
             )
 
         if optimizer_info is None or optimizer_state is None:
@@ -290,13 +336,13 @@ class RedisNePSState:
             cls._check_schema(run, stored_version)
             existing = loads_optimizer_info(stored_info)
             if not optimizer_info_matches(existing, optimizer_info):
-                raise NePSError(
+                raise OptimizerInfoMismatchError(
                     "The optimizer info stored for run"
                     f" '{run}' does not match the one provided.\nStored:"
                     f" {existing}\nProvided: {optimizer_info}"
                 )
             if fingerprint and stored_fingerprint and fingerprint != stored_fingerprint:
-                raise NePSError(
+                raise PipelineSpaceMismatchError(
                     f"The pipeline space of run '{run}' does not match the one"
                     " provided.\n\nTo continue this run: either omit the"
                     " pipeline_space parameter or load the existing one. To start"
@@ -311,6 +357,82 @@ class RedisNePSState:
             stored,
             pipeline_space=pipeline_space,
             allow_pickle=allow_pickle,
+            heartbeat=heartbeat,
+        )
+
+    @classmethod
+    def delete_run(cls, run: str, *, redis: Any = None, worker_id: str = "") -> int:
+        """Delete run `run` so that it can start afresh, unless a worker is
+        alive in it; returns how many trials were deleted (0: no run).
+
+        A worker is alive while a trial it evaluates has an unexpired lease,
+        or while it holds the optimizer lease. The check and the deletion
+        are one atomic step. The run's event stream is kept, with a
+        `deleted` entry naming `worker_id`, as the record of what was there.
+
+        Raises:
+            RunInUseError: (a NePSError) Workers are alive in the run; its
+                message names them. Nothing is deleted.
+        """
+        keys = RunKeys(run)
+        client = connect(redis)
+        named = [
+            keys.meta,
+            keys.trials,
+            keys.evaluating,
+            keys.optimizer_lease,
+            keys.worker_info,
+            keys.events,
+        ]
+        others = [k for k in keys.fixed() if k not in named]
+        scripts = Scripts(client)
+        # The trial index may grow between reading it and the script; the
+        # script then answers 'stale' and the read is repeated.
+        for _ in range(100):
+            ids = [i.decode() for i in client.zrange(keys.trials, 0, -1)]
+            reply = scripts.run(
+                "delete_run",
+                [*named, *others, *(keys.trial(i) for i in ids)],
+                [len(others), defaults.events_maxlen(), worker_id, *ids],
+            )
+            outcome = reply[0].decode() if isinstance(reply[0], bytes) else reply[0]
+            if outcome == "missing":
+                return 0
+            if outcome == "deleted":
+                logger.warning(
+                    "Run %r deleted to start afresh: %d trials.", run, int(reply[1])
+                )
+                return int(reply[1])
+            if outcome == "live":
+                raise cls._in_use(run, reply[1:])
+        raise NePSError(f"Run '{run}' kept changing while it was being deleted.")
+
+    @staticmethod
+    def _in_use(run: str, reply: list[Any]) -> RunInUseError:
+        texts = [x.decode() if isinstance(x, bytes) else str(x) for x in reply]
+        sampling = texts[0] == "1"
+        live: list[tuple[str, str, int]] = []
+        lines = []
+        for i in range(1, len(texts), 4):
+            trial_id, worker, deadline, record = texts[i : i + 4]
+            live.append((trial_id, worker, int(float(deadline))))
+            where = ""
+            if record:
+                info = json.loads(record)
+                where = f" on {info.get('host')} (pid {info.get('pid')})"
+            lines.append(
+                f"  worker '{worker or '?'}'{where} is evaluating trial"
+                f" '{trial_id}', lease until"
+                f" {time.strftime('%H:%M:%S', time.localtime(int(deadline) / 1000))}"
+            )
+        if sampling:
+            lines.append("  a worker holds the optimizer lease (it is sampling)")
+        return RunInUseError(
+            f"Run '{run}' has live workers, so it was not deleted to start"
+            " afresh:\n" + "\n".join(lines) + "\nStop them first, or join the"
+            " run without starting it afresh.",
+            live,
+            sampling,
         )
 
     @staticmethod
@@ -336,6 +458,7 @@ class RedisNePSState:
         *,
         pipeline_space: Any,
         allow_pickle: bool,
+        heartbeat: bool | None = None,
     ) -> RedisNePSState:
         state = cls(
             run=run,
@@ -346,6 +469,7 @@ class RedisNePSState:
             pipeline_space=pipeline_space,
             space_fingerprint=meta.get("space_fingerprint", ""),
             allow_pickle=allow_pickle,
+            heartbeat=heartbeat,
         )
         state._optimizer_state = state._read_optimizer_state()
         state._shared_errors = state.lock_and_get_errors()
@@ -555,6 +679,10 @@ class RedisNePSState:
         while not self._client.set(
             self.keys.optimizer_lease, token, nx=True, px=ttl_ms
         ):
+            # A SET whose reply was lost is sent again by the client and then
+            # finds the lease taken: by its own first copy.
+            if self._client.get(self.keys.optimizer_lease) == token.encode():
+                break
             if time.monotonic() > deadline:
                 raise NePSError(
                     f"Could not take the optimizer lease of run '{self.run}' within"
@@ -592,8 +720,15 @@ class RedisNePSState:
         trial_keys = []
         for trial in trials:
             fields = trial_to_fields(trial)
+            if fields["state"] == State.EVALUATING.value and trial.token is None:
+                # Every evaluating trial is held under a token: without one
+                # its report could not be fenced, nor its lease renewed.
+                trial.token = secrets.token_hex(16)
             if trial.token is not None:
                 fields["token"] = trial.token
+            if fields["state"] == State.EVALUATING.value:
+                # Stored already claimed: this is its first claim.
+                fields["attempts"] = "1"
             args += [
                 trial.id,
                 fields["state"],
@@ -620,6 +755,11 @@ class RedisNePSState:
             ],
             args,
         )
+        lease_ms = int(self.lease_seconds * 1000)
+        for trial in trials:
+            if trial.metadata.state == State.EVALUATING and trial.token:
+                holder = trial.metadata.evaluating_worker_id or worker_id
+                self._hold(trial.id, trial.token, holder, lease_ms)
 
     # --- sampling ----------------------------------------------------------
 
@@ -660,7 +800,34 @@ class RedisNePSState:
     def _sample(
         self, optimizer: Any, *, worker_id: str, n: int | None, token: str
     ) -> list[Trial]:
-        seen = self.lock_and_read_trials()
+        new, opt_state = self.ask(optimizer, worker_id=worker_id, n=n)
+        self.store_new_trials(
+            new,
+            worker_id=worker_id,
+            token=token,
+            optimizer_state=opt_state,
+            release=True,
+        )
+        logger.debug("Worker %r sampled %s.", worker_id, [t.id for t in new])
+        return new
+
+    def ask(
+        self,
+        optimizer: Any,
+        *,
+        worker_id: str,
+        trials: Mapping[str, Trial] | None = None,
+        n: int | None = None,
+    ) -> tuple[list[Trial], OptimizationState]:
+        """Run the optimizer as NePS does, and store nothing.
+
+        The caller holds the optimizer lease. The optimizer sees `trials`
+        (default: every trial, read now) and the stored budget with NePS's
+        usage filled in, with the stored RNG snapshot as the global RNG state.
+        Returns the new trials, pending, and the optimizer state to store
+        with them (`store_new_trials`), its RNG snapshot taken after sampling.
+        """
+        seen = self.lock_and_read_trials() if trials is None else trials
         opt_state = self._read_optimizer_state()
         opt_state.seed_snapshot.set_as_global_seed_state()
         if opt_state.budget is not None:
@@ -683,20 +850,90 @@ class RedisNePSState:
         for config in sampled:
             new.append(self._new_trial(config, seen, worker_id))
         opt_state.seed_snapshot.recapture()
+        return new, opt_state
 
+    def store_new_trials(
+        self,
+        trials: list[Trial],
+        *,
+        worker_id: str,
+        token: str,
+        optimizer_state: OptimizationState | None = None,
+        release: bool = False,
+        event: str = "sampled",
+    ) -> None:
+        """Store new trials, and the optimizer state sampled with them, in one
+        step fenced by the optimizer lease `token` the caller holds.
+
+        A trial in state evaluating is stored claimed: its lease starts now
+        and its `token` (set by the caller) fences its report. With `release`
+        the optimizer lease is given up in the same step.
+
+        Raises:
+            TrialAlreadyExistsError: An id exists; nothing is stored.
+            LeaseLostError: The optimizer lease expired; nothing is stored.
+        """
+        for trial in trials:
+            validate_trial_id(trial.id)
+        fields = {} if optimizer_state is None else self._state_fields(optimizer_state)
         self._store(
-            new,
-            state_fields=self._state_fields(opt_state),
+            trials,
+            state_fields=fields,
             token=token,
-            release=True,
-            event="sampled",
+            release=release,
+            event=event,
             worker_id=worker_id,
         )
-        logger.debug("Worker %r sampled %s.", worker_id, [t.id for t in new])
         # The sampler usually claims next: offer its new trials first, so the
         # claim needs no extra round trip to learn the head of the queue.
-        self._pending_hint = [t.id for t in new] + self._pending_hint
+        pending = [t.id for t in trials if t.metadata.state == State.PENDING]
+        self._pending_hint = pending + self._pending_hint
+
+    def sample_and_claim(
+        self,
+        optimizer: Any,
+        *,
+        worker_id: str,
+        token: str,
+        trials: Mapping[str, Trial] | None = None,
+        n: int | None = None,
+    ) -> list[Trial]:
+        """The sampling worker's step in NePS's runtime: ask the optimizer,
+        then store the new trials with the first one already evaluating for
+        `worker_id` (its lease and claim token set), releasing the optimizer
+        lease `token` the caller holds, all in one script call.
+
+        Returns the new trials, the claimed one first. See `ask` and
+        `store_new_trials` for what the optimizer sees and what may fail.
+        """
+        new, opt_state = self.ask(optimizer, worker_id=worker_id, trials=trials, n=n)
+        mine = new[0]
+        mine.set_evaluating(time_started=time.time(), worker_id=worker_id)
+        mine.token = secrets.token_hex(16)
+        self.store_new_trials(
+            new,
+            worker_id=worker_id,
+            token=token,
+            optimizer_state=opt_state,
+            release=True,
+        )
+        logger.info(
+            "Worker %r sampled %s and claimed trial %r.",
+            worker_id,
+            [t.id for t in new],
+            mine.id,
+        )
         return new
+
+    def take_optimizer_lease(self) -> str:
+        """Take the run's optimizer lease, waiting for it, for a critical
+        section of the caller's own; returns its token. Give it up with
+        `release_optimizer_lease`, or by storing with `release`."""
+        return self._acquire_optimizer_lease()
+
+    def release_optimizer_lease(self, token: str) -> None:
+        """Give up the optimizer lease, if `token` still holds it."""
+        self._release_optimizer_lease(token)
 
     def _new_trial(
         self, config: SampledConfig, seen: Mapping[str, Trial], worker_id: str
@@ -802,18 +1039,44 @@ class RedisNePSState:
 
     # --- claiming ----------------------------------------------------------
 
-    def claim_next_pending_trial(self, *, worker_id: str) -> Trial | None:
+    def claim_next_pending_trial(
+        self, *, worker_id: str, lease_seconds: float | None = None
+    ) -> Trial | None:
         """The oldest pending trial, now evaluating for `worker_id`, or None.
 
         One atomic step: no trial is ever given to two workers. The returned
-        trial carries the claim token that fences its report.
+        trial carries the claim token that fences its report, and this
+        state's heartbeat renews its lease until it is reported.
+        `lease_seconds` (default NEPS_REDIS_LEASE_SECONDS) sets this claim's
+        lease, for a trial that must outlive this process without being
+        renewed (results that arrive later from elsewhere).
+
+        When nothing is pending, trials whose lease expired are requeued
+        first (at most once per sweep interval, run-wide), so a dead
+        worker's trial is claimed again.
         """
         if not isinstance(worker_id, str) or not worker_id:
             raise InvalidNameError("worker_id must be a non-empty str.")
+        lease_ms = int(1000 * (lease_seconds or self.lease_seconds))
+        trial = self._claim(worker_id, lease_ms)
+        if trial is None and self._sweep_if_due():
+            trial = self._claim(worker_id, lease_ms)
+        return trial
+
+    def _claim(self, worker_id: str, lease_ms: int) -> Trial | None:
         time_started = repr(time.time())
         token = secrets.token_hex(16)
         request = _request(self.keys)
         candidates = self._pending_hint[: defaults.CLAIM_CANDIDATES]
+        if not candidates:
+            # Without a hint, reading the head of the queue first makes the
+            # claim one script call rather than a blind one answered 'stale'.
+            head = self._client.zrange(
+                self.keys.pending, 0, defaults.CLAIM_CANDIDATES - 1
+            )
+            candidates = [i.decode() for i in head]
+            if not candidates:
+                return None
         while True:
             keys = self.keys
             reply = self._scripts.run(
@@ -830,7 +1093,7 @@ class RedisNePSState:
                 [
                     worker_id,
                     time_started,
-                    int(self.lease_seconds * 1000),
+                    lease_ms,
                     token,
                     self.events_maxlen,
                     self.request_ttl_ms,
@@ -848,6 +1111,7 @@ class RedisNePSState:
             self._pending_hint = [c for c in candidates if c != trial_id]
             fields = dict(zip(reply[2::2], reply[3::2], strict=True))
             trial = fields_to_trial(decode_hash(fields))
+            self._hold(trial_id, token, worker_id, lease_ms)
             logger.info("Worker %r claimed trial %r.", worker_id, trial_id)
             return trial
 
@@ -860,8 +1124,10 @@ class RedisNePSState:
         `Trial.set_complete`), and its error in the shared errors.
 
         A trial returned by `claim_next_pending_trial` carries a claim token:
-        if another worker took the trial over meanwhile, nothing is stored
-        and LeaseLostError is raised.
+        if the trial is no longer held under it (its lease expired and it was
+        requeued, or it was reset or taken over), nothing is stored, the
+        result is kept as a `late_report` event and LeaseLostError is raised.
+        A copy without a token reports only a trial that nobody holds.
         """
         trial.report = report
         fields = trial_to_fields(trial)
@@ -873,40 +1139,55 @@ class RedisNePSState:
                     trial_id=trial.id,
                     worker_id=worker_id,
                     err_type=error_type_name(report.err) or "Exception",
-                    err=str(report.err),
+                    err=error_text(report.err),
                     tb=report.tb,
                 )
             )
         keys = self.keys
-        self._scripts.run(
-            "report",
-            [
-                keys.trial(trial.id),
-                keys.pending,
-                keys.evaluating,
-                keys.finished,
-                keys.counts,
-                keys.errors,
-                keys.events,
-                _request(keys),
-            ],
-            [
-                trial.id,
-                trial.token or "",
+        try:
+            self._scripts.run(
+                "report",
+                [
+                    keys.trial(trial.id),
+                    keys.pending,
+                    keys.evaluating,
+                    keys.finished,
+                    keys.counts,
+                    keys.errors,
+                    keys.events,
+                    _request(keys),
+                ],
+                [
+                    trial.id,
+                    trial.token or "",
+                    worker_id,
+                    fields["state"],
+                    _score(trial.metadata.time_sampled),
+                    self.events_maxlen,
+                    self.request_ttl_ms,
+                    int(self.lease_seconds * 1000),
+                    len(clear),
+                    *clear,
+                    2 * len(fields),
+                    *_flatten(fields),
+                    2 * len(err_fields),
+                    *_flatten(err_fields),
+                ],
+            )
+        except LeaseLostError:
+            self._release(trial.id)
+            logger.warning(
+                "Worker %r's report of trial %r in run %r was refused: its lease"
+                " was lost (expired or taken over); kept as a late_report event.",
                 worker_id,
-                fields["state"],
-                _score(trial.metadata.time_sampled),
-                self.events_maxlen,
-                self.request_ttl_ms,
-                int(self.lease_seconds * 1000),
-                len(clear),
-                *clear,
-                2 * len(fields),
-                *_flatten(fields),
-                2 * len(err_fields),
-                *_flatten(err_fields),
-            ],
-        )
+                trial.id,
+                self.run,
+            )
+            raise
+        self._release(trial.id)
+        if trial.metadata.state != State.EVALUATING:
+            # The claim ended with the report; the stored trial has no token.
+            trial.token = None
         logger.info(
             "Worker %r reported trial %r as %s.",
             worker_id,
@@ -918,14 +1199,50 @@ class RedisNePSState:
         self, trial: Trial, *, hints: list[str] | str | None = None
     ) -> None:
         """Replace the stored trial with this copy (`hints` are accepted for
-        NePS's callers; the whole trial is always written, in one step)."""
+        NePS's callers; the whole trial is always written, in one step).
+
+        Fenced like a report: the copy must carry the claim token the stored
+        trial is held under (a copy read from the run does), else nothing is
+        written and LeaseLostError is raised. A copy made evaluating from a
+        pending one (NePS's runtime claims that way) gets a fresh claim token,
+        set on `trial`, and its lease is renewed by this state's heartbeat.
+        """
         del hints
         fields = trial_to_fields(trial)
         clear = [f for f in _OPTIONAL_FIELDS if f not in fields]
-        if trial.metadata.state != State.EVALUATING:
+        evaluating = trial.metadata.state == State.EVALUATING
+        token = (trial.token or secrets.token_hex(16)) if evaluating else None
+        if token is None:
             clear += list(_LEASE_FIELDS)
-        elif trial.token is not None:
-            fields["token"] = trial.token
+        else:
+            fields["token"] = token
+        worker_id = trial.metadata.evaluating_worker_id or ""
+        lease_ms = int(self.lease_seconds * 1000)
+        try:
+            self._put(trial, fields, clear, worker_id, lease_ms)
+        except LeaseLostError:
+            self._release(trial.id)
+            logger.warning(
+                "An update of trial %r in run %r was refused: it is held under"
+                " another claim token; kept as a late_update event.",
+                trial.id,
+                self.run,
+            )
+            raise
+        trial.token = token
+        if token is None:
+            self._release(trial.id)
+        else:
+            self._hold(trial.id, token, worker_id, lease_ms)
+
+    def _put(
+        self,
+        trial: Trial,
+        fields: dict[str, str],
+        clear: list[str],
+        worker_id: str,
+        lease_ms: int,
+    ) -> None:
         keys = self.keys
         self._scripts.run(
             "put_trial",
@@ -940,12 +1257,13 @@ class RedisNePSState:
             ],
             [
                 trial.id,
-                trial.metadata.evaluating_worker_id or "",
+                worker_id,
                 fields["state"],
                 _score(trial.metadata.time_sampled),
                 self.events_maxlen,
                 self.request_ttl_ms,
-                int(self.lease_seconds * 1000),
+                lease_ms,
+                trial.token or "",
                 len(clear),
                 *clear,
                 2 * len(fields),
@@ -981,6 +1299,7 @@ class RedisNePSState:
                 *_LEASE_FIELDS,
             ],
         )
+        self._release(trial_id)
         logger.info("Trial %r of run %r reset to pending.", trial_id, self.run)
 
     def lock_and_remove_trial_by_id(self, trial_id: str) -> None:
@@ -1005,7 +1324,119 @@ class RedisNePSState:
             ],
             [trial_id, self.events_maxlen, self.request_ttl_ms],
         )
+        self._release(trial_id)
         logger.info("Trial %r removed from run %r.", trial_id, self.run)
+
+    # --- liveness (see leases.py) -------------------------------------------
+
+    def _heartbeat_thread(self) -> Heartbeat:
+        if self._heartbeat is None:
+            self._heartbeat = Heartbeat(
+                self._client,
+                self.keys,
+                interval=self.heartbeat_seconds,
+                sweep_interval=self.sweep_seconds,
+                max_attempts=self.max_attempts,
+                events_maxlen=self.events_maxlen,
+                request_ttl_ms=self.request_ttl_ms,
+            )
+            # A state dropped without `close` must not leave its thread
+            # renewing leases nobody will report.
+            weakref.finalize(self, self._heartbeat.stop, 0)
+        return self._heartbeat
+
+    def _hold(self, trial_id: str, token: str, worker_id: str, lease_ms: int) -> None:
+        if self.heartbeat_enabled:
+            self._heartbeat_thread().hold(
+                HeldTrial(trial_id, token, worker_id, lease_ms)
+            )
+
+    def _release(self, trial_id: str) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.release(trial_id)
+
+    def lease_lost(self, trial_id: str) -> bool:
+        """Whether this state's heartbeat found that it lost the trial (its
+        lease expired and it was requeued, or it was reset or taken over):
+        its report will be refused, so its evaluation may stop early."""
+        return self._heartbeat is not None and self._heartbeat.is_lost(trial_id)
+
+    def renew_lease(self, trial: Trial, *, lease_seconds: float | None = None) -> bool:
+        """Renew the lease of a trial this caller holds, now; returns False
+        if it is lost. For callers that keep leases alive themselves (with
+        ``heartbeat=False``), or a process finishing a trial that another
+        one claimed (async evaluation), which holds it by its token."""
+        if not trial.token:
+            return False
+        lease_ms = int(1000 * (lease_seconds or self.lease_seconds))
+        held = HeldTrial(
+            trial.id, trial.token, trial.metadata.evaluating_worker_id or "", lease_ms
+        )
+        lost = renew(
+            self._scripts,
+            self.keys,
+            held.worker_id,
+            [held],
+            request_ttl_ms=self.request_ttl_ms,
+        )
+        return trial.id not in lost
+
+    def _sweep_if_due(self) -> bool:
+        """Requeue expired trials unless this state swept within the sweep
+        interval; returns whether any trial went back to pending."""
+        now = time.monotonic()
+        if now - self._last_sweep < self.sweep_seconds:
+            return False
+        self._last_sweep = now
+        swept = self._sweep(force=False)
+        return any(s.outcome == "requeued" for s in swept or [])
+
+    def _sweep(self, *, force: bool) -> list[SweptTrial] | None:
+        return sweep_expired(
+            self._client,
+            self.keys,
+            scripts=self._scripts,
+            max_attempts=self.max_attempts,
+            lock_ms=max(1, int(self.sweep_seconds * 1000)),
+            force=force,
+            events_maxlen=self.events_maxlen,
+            request_ttl_ms=self.request_ttl_ms,
+        )
+
+    def requeue_expired(self) -> list[tuple[str, str]]:
+        """Requeue now every trial whose lease expired; returns each trial
+        acted on with its outcome: 'requeued' (back to pending), or
+        'crashed' (it had used its NEPS_REDIS_MAX_ATTEMPTS attempts).
+
+        Live workers do this by themselves; this is for doing it on demand
+        (``neps-redis reap``). A sweep of another worker in progress is
+        taken over, so only one acts at a time.
+        """
+        return [(s.trial_id, s.outcome) for s in self._sweep(force=True) or []]
+
+    def attempt_history(self, trial_id: str) -> list[dict[str, Any]]:
+        """The attempts of a trial that lost their lease, oldest first: each
+        ``{"attempt", "worker_id", "time_started", "lease_deadline_ms",
+        "reason"}``. Kept apart from the shared errors, which NePS's error
+        policy acts on.
+
+        Raises:
+            TrialNotFoundError: No trial has this id.
+        """
+        return read_history(self._client, self.keys, trial_id)
+
+    def close(self) -> None:
+        """Stop this state's heartbeat. Leases of trials still held are left
+        to expire, so a live worker should report (or reset) them first."""
+        heartbeat, self._heartbeat = self._heartbeat, None
+        if heartbeat is not None:
+            heartbeat.stop()
+
+    def __enter__(self) -> RedisNePSState:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     # --- counts ------------------------------------------------------------
 

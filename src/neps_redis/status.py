@@ -72,9 +72,14 @@ def _single_objective(trial: Trial) -> float | None:
     if report is None or report.reported_as != "success":
         return None
     value = report.objective_to_minimize
-    if value is None or isinstance(value, list | tuple):
+    if value is None or isinstance(value, list | tuple | str | bool):
         return None
-    value = float(value)
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        # An objective that is not a number cannot be ranked; it must not
+        # stop the summary of every other trial.
+        return None
     return None if math.isnan(value) else value
 
 

@@ -19,9 +19,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 import neps
+import numpy as np
 
 HERE = Path(__file__).parent
 TARGET = HERE / "neps-0.17-run"
