@@ -26,7 +26,8 @@ ARGV[7..] candidate trial ids
 Returns {'claimed', id, field, value, ...} with the trial's hash after the
 claim; {'empty'} when nothing is pending; {'stale', id, ...} with the ids
 at the head of the pending index when no candidate is the head.
-Errors: NEPS_TRIAL_NOT_FOUND (the index names a trial whose hash is gone).
+Errors: NEPS_TRIAL_NOT_FOUND (the index names a trial whose hash is gone);
+NEPS_LEASE_LOST <id> (a replayed claim whose trial is no longer held by it).
 Events: claimed.
 ]]
 
@@ -46,9 +47,16 @@ local function key_of(id)
   return nil
 end
 
+-- A replay answers with the trial this request claimed, but only while the
+-- claim still stands: if the trial was reset, taken over or removed since,
+-- the caller must not believe it holds it.
 local done = replayed(request)
 if done then
   local key = key_of(done)
+  local current = redis.call('HMGET', key, 'state', 'token')
+  if current[1] ~= 'evaluating' or current[2] ~= token then
+    return fail(E.NEPS_LEASE_LOST, done)
+  end
   return {'claimed', done, unpack(redis.call('HGETALL', key))}
 end
 

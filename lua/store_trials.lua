@@ -77,7 +77,7 @@ while pos <= #ARGV do
   local id, state, score, m = ARGV[pos], ARGV[pos + 1], ARGV[pos + 2],
     tonumber(ARGV[pos + 3])
   local key = KEYS[key_i]
-  if key == nil or m == nil then
+  if key == nil or m == nil or m < 1 or pos + 3 + 2 * m > #ARGV then
     return fail(E.NEPS_BAD_ARGUMENT, 'trial arguments do not match the keys')
   end
   if seen[id] or redis.call('EXISTS', key) == 1 then

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from neps_redis import OptimizationState, RedisNePSState, SeedSnapshot
+from neps_redis import LeaseLostError, OptimizationState, RedisNePSState, SeedSnapshot
 from neps_redis.connection import client_from_url
 from neps_redis.keys import RunKeys
 from tests.optimizers import CountingRandomSearch
@@ -135,3 +135,33 @@ def test_a_reset_or_remove_whose_reply_was_lost_acts_once(proxied, proxy, r, met
 
     assert proxy.dropped == 1
     assert events(r)[b"reset" if "reset" in method else b"removed"] == 1
+
+
+def test_a_replayed_claim_whose_trial_was_taken_meanwhile_is_refused(direct, r):
+    # Given a claim that took effect, then its trial was reset and claimed
+    # by another worker before the first claim's copy was sent again
+    keys = RunKeys("replay")
+    request = keys.request("fixed-request-id")
+    claim_keys = [
+        keys.pending,
+        keys.evaluating,
+        keys.finished,
+        keys.counts,
+        keys.events,
+        request,
+        keys.trial("2"),
+    ]
+
+    def claim(token):
+        args = ["A", "1.0", 60_000, token, 1000, 60_000, "2"]
+        return direct._scripts.run("claim", claim_keys, args)
+
+    assert claim("token-a")[1] == b"2"
+    direct.lock_and_reset_trial_by_id("2")
+    taken = direct.claim_next_pending_trial(worker_id="B")
+    assert taken.id == "2"
+
+    # When the first claim is replayed, Then it does not hand over B's trial
+    with pytest.raises(LeaseLostError):
+        claim("token-a")
+    assert r.hget(keys.trial("2"), "evaluating_worker_id") == b"B"

@@ -629,3 +629,20 @@ def test_a_sampler_claims_its_own_new_trial_in_one_script_call(state, r):
     )
     assert trial.id == "1"
     assert calls == 1
+
+
+def test_an_optimizer_that_returns_nothing_stores_nothing(state, r):
+    from tests.helpers import dump_keys
+
+    before = dump_keys(r)
+    with pytest.raises(TypeError, match="non-empty list"):
+        state.lock_and_sample_trial(
+            lambda trials, budget_info, n=None: [], worker_id="w"
+        )
+    assert dump_keys(r) == before
+
+
+def test_rung_ids_that_differ_only_in_leading_zeros_get_their_own_locations(state):
+    first = state.lock_and_sample_trial(FixedIds("1_rung_1"), worker_id="w")
+    second = state.lock_and_sample_trial(FixedIds("1_rung_01"), worker_id="w")
+    assert first.metadata.location != second.metadata.location

@@ -5,6 +5,7 @@ Each can be changed per process by the environment variable named beside it.
 
 from __future__ import annotations
 
+import math
 import os
 
 # Layout version of a run's keys. A run written with another version is
@@ -99,8 +100,8 @@ def env_float(name: str, default: float) -> float:
         value = float(text)
     except ValueError:
         raise ValueError(f"{name}={text!r} is not a number.") from None
-    if not value > 0:
-        raise ValueError(f"{name}={text!r} must be greater than 0.")
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name}={text!r} must be a finite number above 0.")
     return value
 
 
@@ -150,4 +151,7 @@ def events_maxlen() -> int:
 
 
 def request_ttl_ms() -> int:
-    return int(1000 * env_float("NEPS_REDIS_REQUEST_TTL_SECONDS", REQUEST_TTL_SECONDS))
+    # At least a second: shorter would not outlive redis-py's own retries,
+    # and a zero expiry would make the server refuse the write's last step.
+    seconds = env_float("NEPS_REDIS_REQUEST_TTL_SECONDS", REQUEST_TTL_SECONDS)
+    return max(1000, int(1000 * seconds))

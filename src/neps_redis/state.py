@@ -144,14 +144,6 @@ def _score(time_sampled: Any) -> str:
     return "inf" if math.isnan(value) else repr(value)
 
 
-def _config_name(trial_id: str) -> str:
-    """The directory name NePS gives a trial (rung ids lose leading zeros)."""
-    parts = trial_id.split("_rung_")
-    if len(parts) == 2 and all(p.isdigit() for p in parts):
-        return f"{int(parts[0])}_rung_{int(parts[1])}"
-    return trial_id
-
-
 def _flatten(fields: Mapping[str, Any]) -> list[Any]:
     return [x for pair in fields.items() for x in pair]
 
@@ -845,6 +837,14 @@ class RedisNePSState:
         )
         if not isinstance(sampled, list):
             sampled = [sampled]
+        # Duck-typed: NePS's own SampledConfig class is as good as ours.
+        if not sampled or not all(
+            hasattr(c, "id") and hasattr(c, "config") for c in sampled
+        ):
+            raise TypeError(
+                "The optimizer must return a SampledConfig or a non-empty list"
+                f" of them; it returned {sampled!r:.100}. Nothing was stored."
+            )
 
         new: list[Trial] = []
         for config in sampled:
@@ -950,7 +950,9 @@ class RedisNePSState:
         return Trial.new(
             trial_id=config.id,
             config=config.config,
-            location=str(self.TRIAL_DIRECTORY / f"config_{_config_name(config.id)}"),
+            # Exactly the id: NePS strips leading zeros of rung ids here, which
+            # would give "1_rung_01" and "1_rung_1" one directory.
+            location=str(self.TRIAL_DIRECTORY / f"config_{config.id}"),
             previous_trial=config.previous_config_id,
             previous_trial_location=previous_location,
             time_sampled=time.time(),
@@ -1079,27 +1081,34 @@ class RedisNePSState:
                 return None
         while True:
             keys = self.keys
-            reply = self._scripts.run(
-                "claim",
-                [
-                    keys.pending,
-                    keys.evaluating,
-                    keys.finished,
-                    keys.counts,
-                    keys.events,
-                    request,
-                    *(keys.trial(c) for c in candidates),
-                ],
-                [
-                    worker_id,
-                    time_started,
-                    lease_ms,
-                    token,
-                    self.events_maxlen,
-                    self.request_ttl_ms,
-                    *candidates,
-                ],
-            )
+            try:
+                reply = self._scripts.run(
+                    "claim",
+                    [
+                        keys.pending,
+                        keys.evaluating,
+                        keys.finished,
+                        keys.counts,
+                        keys.events,
+                        request,
+                        *(keys.trial(c) for c in candidates),
+                    ],
+                    [
+                        worker_id,
+                        time_started,
+                        lease_ms,
+                        token,
+                        self.events_maxlen,
+                        self.request_ttl_ms,
+                        *candidates,
+                    ],
+                )
+            except LeaseLostError:
+                # This claim's reply was lost and, before the client sent it
+                # again, the trial was taken away (reset, removed, taken
+                # over). It is not ours: claim afresh.
+                request, token = _request(self.keys), secrets.token_hex(16)
+                continue
             outcome = reply[0].decode()
             if outcome == "empty":
                 self._pending_hint = []
