@@ -2,6 +2,7 @@
 
     python benchmarks/bench.py [--quick] [--out DIR] [--server-bin PATH|ID]
                                [--transport tcp|unix] [--skip-neps]
+                               [--only PHASE[,PHASE]]
 
 It starts its own server (the newest binary found, with an append-only
 file synced every second, as the embedded server runs), then measures:
@@ -20,7 +21,9 @@ It writes ``results.json`` and ``results.png`` to DIR (default
 ``benchmarks/results``), checks the issue's targets (reported, never
 asserted), and prints the results as one JSON object on the last line of
 stdout; progress goes to stderr. ``--quick`` runs smaller sizes, says so in
-the JSON, and ends within two minutes on two cores.
+the JSON, and ends within two minutes on two cores. ``--only`` runs some
+phases (floor, round_trips, lifecycle, growth, memory); the targets of the
+others are reported as not measured.
 """
 
 from __future__ import annotations
@@ -313,66 +316,86 @@ def _target(
     }
 
 
-def compute_targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The issue's targets, from this run's own measurements."""
+def _step_targets(growth: list[dict[str, Any]], transport: str) -> dict[str, Any]:
+    """Steps against the floor at the smallest size, and against themselves
+    from the smallest size to the largest."""
     targets: dict[str, dict[str, Any]] = {}
-    growth = results["growth"]
-    first, last = growth[0], growth[-1]
-    # The floor measured beside the steps, on the state's own connection.
-    floor = first["steps"]["evalsha_floor"]["p50_us"]
-    at_first = (
-        f"at {first['trials']:,} trials, one process, over {results['transport']}"
-    )
+    first, last = (growth[0], growth[-1]) if growth else (None, None)
 
     for step, limit in (
         ("claim", 2.0),
         ("report", 3.0),
         ("sample_excl_optimizer", 5.0),
     ):
-        p50 = first["steps"][step]["p50_us"]
-        targets[f"{step}_p50_vs_floor"] = _target(
-            ratio(p50, floor),
-            limit,
-            "<=",
-            f"{step} p50 {p50:.0f} us / EVALSHA p50 {floor:.0f} us, {at_first}",
-        )
+        value, detail = None, "growth phase not run"
+        if first is not None:
+            # The floor measured beside the steps, on the state's own connection.
+            floor = first["steps"]["evalsha_floor"]["p50_us"]
+            p50 = first["steps"][step]["p50_us"]
+            value = ratio(p50, floor)
+            detail = (
+                f"{step} p50 {p50:.0f} us / EVALSHA p50 {floor:.0f} us, at"
+                f" {first['trials']:,} trials, one process, over {transport}"
+            )
+        targets[f"{step}_p50_vs_floor"] = _target(value, limit, "<=", detail)
 
     for step in ("claim", "report", "sample_excl_optimizer", "read_all_after_1_change"):
-        small, large = first["steps"][step]["p50_us"], last["steps"][step]["p50_us"]
-        targets[f"{step}_p50_growth"] = _target(
-            ratio(large, small),
-            1.3,
-            "<=",
-            f"p50 at {last['trials']:,} trials ({large:.0f} us) / at"
-            f" {first['trials']:,} ({small:.0f} us)",
-        )
+        value, detail = None, "growth phase not run"
+        if first is not None and last is not None:
+            small, large = first["steps"][step]["p50_us"], last["steps"][step]["p50_us"]
+            value = ratio(large, small)
+            detail = (
+                f"p50 at {last['trials']:,} trials ({large:.0f} us) / at"
+                f" {first['trials']:,} ({small:.0f} us)"
+            )
+        targets[f"{step}_p50_growth"] = _target(value, 1.3, "<=", detail)
+
+    value, detail = None, "growth phase not run"
+    if last is not None:
+        value = last["steps"]["read_all_after_1_change"]["p50_us"] / 1000.0
+        detail = f"read-all p50 after one change, at {last['trials']:,} trials (ms)"
+    targets["read_all_after_1_change_ms"] = _target(value, 5.0, "<=", detail)
+    return targets
+
+
+def compute_targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The issue's targets, from this run's own measurements; a target whose
+    phase did not run is reported with value and met null."""
+    targets = _step_targets(results.get("growth") or [], results["transport"])
 
     ratios = {(r["processes"], r["trials"]): r["ratio"] for r in results["ratios"]}
     for trials, limit in ((400, 20.0), (2_000, 100.0)):
-        value = ratios.get((4, trials))
+        key = (4, trials)
         detail = (
             f"neps-redis / NePS lifecycles per second, 4 processes, {trials:,} trials"
         )
-        if (4, trials) not in ratios:
-            detail += " (not run: NePS absent or size not in this plan)"
-        targets[f"throughput_vs_neps_4p_{trials}"] = _target(value, limit, ">=", detail)
+        if key not in ratios:
+            detail += " (not run: NePS absent, or the size or phase not in this run)"
+        targets[f"throughput_vs_neps_4p_{trials}"] = _target(
+            ratios.get(key), limit, ">=", detail
+        )
 
-    read = last["steps"]["read_all_after_1_change"]["p50_us"]
-    targets["read_all_after_1_change_ms"] = _target(
-        read / 1000.0,
-        5.0,
-        "<=",
-        f"read-all p50 after one change, at {last['trials']:,} trials (ms)",
-    )
-
-    memory = results["memory"]
+    memory = results.get("memory")
     targets["memory_bytes_per_trial"] = _target(
-        memory["bytes_per_trial"],
+        memory["bytes_per_trial"] if memory else None,
         1024.0,
         "<=",
-        f"growth of used_memory / {memory['trials']:,} typical trials",
+        f"growth of used_memory / {memory['trials']:,} typical trials"
+        if memory
+        else "memory phase not run",
     )
-    return targets
+    # The order of the issue's list.
+    order = [
+        "claim_p50_vs_floor",
+        "report_p50_vs_floor",
+        "sample_excl_optimizer_p50_vs_floor",
+        *(k for k in targets if k.endswith("_p50_growth")),
+        "throughput_vs_neps_4p_400",
+        "throughput_vs_neps_4p_2000",
+        "read_all_after_1_change_ms",
+        "memory_bytes_per_trial",
+    ]
+    return {name: targets[name] for name in order}
 
 
 # --------------------------------------------------------------------------
@@ -418,17 +441,31 @@ def environment(binary: ServerBinary) -> dict[str, Any]:
 
 
 class _Phases:
-    """Times each phase, for the JSON and the log."""
+    """Which phases run, and how long each took, for the JSON and the log."""
 
-    def __init__(self) -> None:
+    def __init__(self, selected: tuple[str, ...]) -> None:
+        self.selected = selected
         self.seconds: dict[str, float] = {}
+        self._current: tuple[str, float] | None = None
 
-    @contextlib.contextmanager
-    def __call__(self, name: str) -> Any:
+    def __call__(self, name: str) -> bool:
+        """Whether phase `name` runs; starts its clock if so."""
+        self.done()
+        if name not in self.selected:
+            return False
         logger.info("Phase %s.", name)
-        started = time.monotonic()
-        yield
-        self.seconds[name] = round(time.monotonic() - started, 2)
+        self._current = (name, time.monotonic())
+        return True
+
+    def done(self) -> None:
+        """Stop the clock of the phase running, if any."""
+        if self._current is not None:
+            name, started = self._current
+            self.seconds[name] = round(time.monotonic() - started, 2)
+            self._current = None
+
+
+PHASES = ("floor", "round_trips", "lifecycle", "growth", "memory")
 
 
 def run_benchmark(
@@ -439,8 +476,10 @@ def run_benchmark(
     transport: str,
     with_neps: bool,
     work: Path,
+    phases: tuple[str, ...] = PHASES,
 ) -> dict[str, Any]:
-    """Every measurement, on a server of `binary` started in `work`."""
+    """The measurements of `phases`, on a server of `binary` started in
+    `work`. A phase left out is absent from the results (null targets)."""
     started = time.monotonic()
     notes: list[str] = []
     if quick:
@@ -453,33 +492,37 @@ def run_benchmark(
             f" not 100k with 1k; memory is measured over {plan.memory_trials:,}"
             " trials, not 10k."
         )
+    if set(phases) != set(PHASES):
+        notes.append(f"Only these phases ran: {', '.join(phases)}.")
     results: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "quick": quick,
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "transport": transport,
+        "phases": list(phases),
         "sizes": asdict(plan),
         "environment": environment(binary),
+        "ratios": [],
     }
-    phase = _Phases()
+    phase = _Phases(phases)
     server = start_server(binary, work)
     try:
         urls = {"tcp": server.url, "unix": f"unix://{server.unix_socket}"}
         url = urls[transport]
-        with phase("floor"):
+        if phase("floor"):
             results["floor"] = probes.measure_floor(urls, plan.floor_calls)
-        with phase("round_trips"):
+        if phase("round_trips"):
             results["round_trips"] = probes.count_round_trips(
                 url,
                 trials=plan.round_trip_trials,
                 lifecycles=plan.round_trip_lifecycles,
             )
-        with phase("lifecycle"):
+        if phase("lifecycle"):
             results["lifecycle"] = lifecycle_phase(
                 plan, url, work, with_neps=with_neps, notes=notes
             )
             results["ratios"] = throughput_ratios(results["lifecycle"])
-        with phase("growth"):
+        if phase("growth"):
             results["growth"], results["export"] = probes.measure_growth(
                 url,
                 plan.growth_sizes,
@@ -490,10 +533,11 @@ def run_benchmark(
                 export_changes=plan.export_changes,
                 export_root=work,
             )
-            if not results["export"]["available"]:
+            if "note" in results["export"]:
                 notes.append(results["export"]["note"])
-        with phase("memory"):
+        if phase("memory"):
             results["memory"] = probes.measure_memory(url, plan.memory_trials)
+        phase.done()
     finally:
         server.stop()
 
@@ -539,7 +583,24 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--skip-neps", action="store_true", help="run neps-redis's side only"
     )
+    parser.add_argument(
+        "--only",
+        type=_phase_list,
+        default=PHASES,
+        metavar="PHASE[,PHASE]",
+        help=f"run only these phases, of {', '.join(PHASES)} (default all)",
+    )
     return parser.parse_args(argv)
+
+
+def _phase_list(text: str) -> tuple[str, ...]:
+    chosen = tuple(p.strip() for p in text.split(",") if p.strip())
+    unknown = [p for p in chosen if p not in PHASES]
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(
+            f"unknown phases {unknown}; choose from {', '.join(PHASES)}"
+        )
+    return tuple(p for p in PHASES if p in chosen)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -560,6 +621,7 @@ def main(argv: list[str] | None = None) -> int:
             transport=args.transport,
             with_neps=not args.skip_neps,
             work=Path(work),
+            phases=args.only,
         )
 
     args.out.mkdir(parents=True, exist_ok=True)

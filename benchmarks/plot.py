@@ -21,12 +21,12 @@ _BACKEND_STYLE = {"neps-redis": "-o", "neps": "--s"}
 
 def _floor_and_steps(ax: Any, results: dict[str, Any]) -> None:
     names, p50, p99 = [], [], []
-    for transport, floor in results["floor"].items():
+    for transport, floor in results.get("floor", {}).items():
         for command in ("ping", "evalsha"):
             names.append(f"{command.upper()}\n{transport}")
             p50.append(floor[command]["p50_us"])
             p99.append(floor[command]["p99_us"])
-    if results["growth"]:
+    if results.get("growth"):
         first = results["growth"][0]
         for step in _STEPS:
             names.append(f"{_LABELS[step]}\n{first['trials']:,}")
@@ -43,7 +43,10 @@ def _floor_and_steps(ax: Any, results: dict[str, Any]) -> None:
 
 
 def _throughput(ax: Any, results: dict[str, Any]) -> None:
-    runs = results["lifecycle"]
+    runs = results.get("lifecycle", [])
+    if not runs:
+        ax.set_axis_off()
+        return
     for backend in ("neps-redis", "neps"):
         for trials in sorted({r["trials"] for r in runs}):
             points = sorted(
@@ -68,7 +71,10 @@ def _throughput(ax: Any, results: dict[str, Any]) -> None:
 
 
 def _growth(ax: Any, results: dict[str, Any]) -> None:
-    growth = results["growth"]
+    growth = results.get("growth")
+    if not growth:
+        ax.set_axis_off()
+        return
     sizes = [g["trials"] for g in growth]
     for step in _STEPS:
         ax.plot(

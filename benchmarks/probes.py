@@ -350,12 +350,20 @@ def measure_growth(
 
         if exporting:
             assert make_export is not None and export_root is not None
-            measured = measure_export(
-                state,
-                make_export,
-                export_root / f"export-{size}",
-                changes=export_changes,
-            )
+            try:
+                measured = measure_export(
+                    state,
+                    make_export,
+                    export_root / f"export-{size}",
+                    changes=export_changes,
+                )
+            except Exception as error:
+                # The exporter is another part of the package; its failure
+                # is reported, and the steps measured so far are kept.
+                logger.exception("Export of %d trials failed.", total)
+                exports["note"] = f"Export failed at {total:,} trials: {error!r}."
+                make_export = None
+                continue
             exports["runs"].append({"trials": total, **measured})
             logger.info(
                 "Export of %d trials: %.2f s full, %.2f s after %d changed.",
@@ -408,6 +416,8 @@ def measure_memory(url: str, trials: int, run: str = "bench-memory") -> dict[str
     keys = state.keys
     before = _settled_memory(client)
 
+    # Sampled a thousand a call, since each sample reads the whole run;
+    # claimed and reported one by one, as workers do.
     optimizer = MaxPlusOne(SampledConfig)
     started = time.monotonic()
     for done in range(0, trials, FILL_BATCH):

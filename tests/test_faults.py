@@ -15,6 +15,7 @@ NEPS_REDIS_CHAOS_LIFECYCLES sets the size of the sixteen-process run
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import random
 import signal
@@ -39,6 +40,7 @@ from neps_redis import (
 from neps_redis.check import inspect_run
 from neps_redis.connection import client_from_url
 from neps_redis.keys import RunKeys
+from tests.fault_worker import Batches
 from tests.proxy import ReplyDroppingProxy
 
 pytestmark = [pytest.mark.fault, pytest.mark.timeout(180)]
@@ -79,8 +81,6 @@ def new_run(url: str, run: str, *, pending: int = 0) -> RedisNePSState:
         ),
     )
     if pending:
-        from tests.fault_worker import Batches
-
         state.lock_and_sample_trial(Batches(pending), worker_id="setup", n=pending)
     return state
 
@@ -405,8 +405,6 @@ def _create_in_threads(url: str, run: str, threads: int, start_at: float) -> lis
 def test_a_hundred_creators_at_once_create_one_run_and_all_load_it(server):
     # Given one new run name and 100 creators: 10 processes of 10 threads
     # (100 processes would not start within a minute on two cores)
-    import multiprocessing
-
     url = server.url
     client = client_from_url(url)
     client.flushall()

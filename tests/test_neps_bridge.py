@@ -34,7 +34,12 @@ from neps.state import (  # noqa: E402
     WorkerSettings,
 )
 
-from neps_redis import RedisNePSState, TrialAlreadyExistsError  # noqa: E402
+from neps_redis import (  # noqa: E402
+    ErrDump,
+    RedisNePSState,
+    SerializableTrialError,
+    TrialAlreadyExistsError,
+)
 from neps_redis import Trial as OurTrial  # noqa: E402
 from neps_redis import neps_bridge as bridge  # noqa: E402
 from neps_redis.connection import describe_client  # noqa: E402
@@ -336,6 +341,19 @@ def test_optimizer_info_keeps_its_derived_part(tmp_path, redis_url):
     assert neps.load_optimizer_info(root) == info
 
 
+def test_shared_errors_convert_both_ways_exactly():
+    ours = ErrDump(
+        [
+            SerializableTrialError("1", "w", "ValueError", "bad", "Traceback ..."),
+            SerializableTrialError("2", "w", "KeyError", "'k'", None),
+        ]
+    )
+    theirs = bridge.to_neps_err_dump(ours)
+    assert type(theirs).__module__.startswith("neps.")
+    assert str(theirs.latest_err_as_raisable()) == str(ours.latest_err_as_raisable())
+    assert bridge.from_neps_err_dump(theirs) == ours
+
+
 def test_errors_leave_as_neps_s_classes_and_as_this_package_s():
     error = bridge.as_neps_error(TrialAlreadyExistsError("7"))
     assert isinstance(error, NepsExistsError)
@@ -469,6 +487,41 @@ def test_a_sampling_worker_stores_its_own_trial_claimed_with_a_lease(
     assert events[-1][b"state"] == b"evaluating"
     assert not r.exists(keys.optimizer_lease)
     assert trial.metadata.state is Trial.State.EVALUATING
+
+
+def test_a_worker_s_report_stays_fenced_after_it_has_read_a_takeover(
+    tmp_path, redis_url
+):
+    # Given a trial claimed here, then reset and claimed by another worker,
+    # and this machine reading the run meanwhile (neps.status in the
+    # evaluation, say)
+    state = open_state(tmp_path, redis_url)
+    state.lock_and_sample_trial(random_search(), worker_id="s")
+    mine = state.claim("slow")
+    state.lock_and_reset_trial_by_id(mine.id)
+    other = NePSState.create_or_load(state.path, load_only=True)
+    assert other.claim("fast").id == mine.id
+    state.lock_and_read_trials()
+
+    # When this worker reports its result late
+    report = mine.set_complete(
+        report_as="success",
+        time_end=time.time(),
+        objective_to_minimize=9.0,
+        cost=None,
+        learning_curve=None,
+        err=None,
+        tb=None,
+        extra=None,
+        evaluation_duration=1.0,
+    )
+    state._report_trial_evaluation(mine, report, worker_id="slow")
+
+    # Then the report is refused: the trial is the other worker's
+    stored = state.lock_and_get_trial_by_id(mine.id)
+    assert stored.metadata.state is Trial.State.EVALUATING
+    assert stored.metadata.evaluating_worker_id == "fast"
+    assert stored.report is None
 
 
 def test_a_ddp_rank_polling_for_its_trial_backs_off(tmp_path, redis_url, sent):

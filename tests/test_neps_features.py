@@ -375,6 +375,34 @@ def test_starting_afresh_without_live_workers_deletes_the_run_and_records_it(
     assert deleted and deleted[0]["trials"] == "3"
 
 
+def test_a_machine_s_files_of_a_run_started_afresh_elsewhere_are_moved_aside(
+    tmp_path, redis_url
+):
+    # Given a run evaluated on machine a, then started afresh on machine b
+    run_here(redis_url, tmp_path / "a", "again", total_evaluations_to_spend=2)
+    run_here(
+        redis_url,
+        tmp_path / "b",
+        "again",
+        total_evaluations_to_spend=1,
+        overwrite_root_directory=True,
+    )
+
+    # When machine a works on the run again
+    run_here(redis_url, tmp_path / "a", "again", total_evaluations_to_spend=2)
+
+    # Then its files of the earlier run were moved aside, and the new trial 2
+    # got a directory of its own
+    aside = list((tmp_path / "a").glob("replaced-*"))
+    assert len(aside) == 1
+    assert sorted(p.name for p in (aside[0] / "configs").iterdir()) == [
+        "config_1",
+        "config_2",
+    ]
+    assert [p.name for p in (tmp_path / "a" / "configs").iterdir()] == ["config_2"]
+    assert trial_states(redis_url, "again") == {"1": "success", "2": "success"}
+
+
 # --- a worker dying mid-evaluation -------------------------------------------
 
 

@@ -631,6 +631,7 @@ def test_a_sampler_claims_its_own_new_trial_in_one_script_call(state, r):
     assert calls == 1
 
 
+@redis_only
 def test_an_optimizer_that_returns_nothing_stores_nothing(state, r):
     from tests.helpers import dump_keys
 
@@ -642,6 +643,7 @@ def test_an_optimizer_that_returns_nothing_stores_nothing(state, r):
     assert dump_keys(r) == before
 
 
+@redis_only
 def test_rung_ids_that_differ_only_in_leading_zeros_get_their_own_locations(state):
     first = state.lock_and_sample_trial(FixedIds("1_rung_1"), worker_id="w")
     second = state.lock_and_sample_trial(FixedIds("1_rung_01"), worker_id="w")

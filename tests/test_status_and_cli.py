@@ -93,7 +93,13 @@ def evaluate(
 
 @pytest.fixture
 def mixed_run(redis_url) -> RedisNePSState:
-    """Six trials: 0.5, 0.2 (best), NaN, crashed, evaluating, pending."""
+    return build_mixed_run(redis_url)
+
+
+def build_mixed_run(redis_url: str) -> RedisNePSState:
+    """Run "mixed", budget 10, workers a, b and idle; six trials: 0.5 (a),
+    0.2 (best, b), NaN (a), crashed with "diverged" (b), evaluating (b),
+    pending."""
     state = new_run(redis_url, "mixed")
     a = state.lock_and_set_new_worker_id("a")
     b = state.lock_and_set_new_worker_id("b")

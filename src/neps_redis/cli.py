@@ -8,6 +8,7 @@ goes through `redact_url`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
@@ -26,13 +28,16 @@ from rich.text import Text
 
 from neps_redis import __version__, defaults
 from neps_redis.check import inspect_run
-from neps_redis.cli_export import export_command, import_command
+from neps_redis.cli_acl import acl_command
+from neps_redis.cli_export import _redis_option, export_command, import_command
+from neps_redis.cli_runs import COMMANDS as RUN_COMMANDS
 from neps_redis.connection import (
     URL_ENV,
     client_from_url,
     redact_text,
     redact_url,
     resolve_url,
+    tls_failure,
 )
 from neps_redis.demo import (
     DEFAULT_BUDGET,
@@ -72,7 +77,10 @@ def _scrub(text: str, url: str | None) -> str:
 
 
 def _readable(error: Exception, settings: _Settings) -> str:
-    if isinstance(error, RedisConnectionError | RedisTimeoutError):
+    tls = tls_failure(error, settings.shown())
+    if tls is not None:
+        message = tls
+    elif isinstance(error, RedisConnectionError | RedisTimeoutError):
         message = (
             f"Cannot reach the Redis server at {settings.shown()}:"
             f" {str(error).rstrip('.')}."
@@ -150,6 +158,20 @@ def main(ctx: click.Context, redis_url: str | None, debug: bool) -> None:
         logging.getLogger("neps_redis").setLevel(logging.DEBUG)
 
 
+def _redis_here(command: Any) -> Any:
+    """Let a command take ``--redis`` after its name as well as before it;
+    the one given after wins."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, redis_url: str | None = None, **kwargs: Any) -> Any:
+        context = click.get_current_context()
+        if context.get_parameter_source("redis_url") == ParameterSource.COMMANDLINE:
+            context.find_object(_Settings).redis_url = redis_url
+        return command(*args, **kwargs)
+
+    return _redis_option(wrapper)
+
+
 # --- demo ------------------------------------------------------------------
 
 
@@ -184,6 +206,7 @@ def _server_for_demo(settings: _Settings) -> str:
 
 
 @main.command()
+@_redis_here
 @click.option(
     "--workers",
     type=click.IntRange(min=1),
@@ -257,6 +280,7 @@ def demo(
 
 
 @main.command()
+@_redis_here
 @click.argument("run")
 @click.pass_obj
 def status(settings: _Settings, run: str) -> None:
@@ -327,10 +351,18 @@ def _workers_table(summary: RunSummary) -> Table:
 def _print_summary(summary: RunSummary) -> None:
     budget = summary.evaluation_budget
     progress = f"{summary.finished} of {budget}" if budget else str(summary.finished)
+    used = f"Finished {progress} trials."
+    if budget:
+        used += f" Evaluation budget used: {100 * summary.finished / budget:.0f} %."
+    if summary.cost_budget:
+        used += (
+            f" Cost used: {summary.cost_used:.6g} of {summary.cost_budget:.6g}"
+            f" ({100 * summary.cost_used / summary.cost_budget:.0f} %)."
+        )
     lines: list[Any] = [
         _heading(f"Run '{summary.run}' at {redact_url(summary.server)}"),
         _counts_table(summary),
-        Text(f"Finished {progress} trials."),
+        Text(used),
         Text(""),
         *_best(summary),
         Text(""),
@@ -340,6 +372,9 @@ def _print_summary(summary: RunSummary) -> None:
         ),
         _workers_table(summary),
     ]
+    if summary.recent_errors:
+        lines.append(_heading(f"Latest {len(summary.recent_errors)} shared errors"))
+        lines += [Text(f"  {line}") for line in summary.recent_errors]
     Console(highlight=False).print(Group(*lines))
 
 
@@ -347,6 +382,7 @@ def _print_summary(summary: RunSummary) -> None:
 
 
 @main.command()
+@_redis_here
 @click.argument("run")
 @click.pass_obj
 def check(settings: _Settings, run: str) -> None:
@@ -371,6 +407,7 @@ def check(settings: _Settings, run: str) -> None:
 
 
 @main.command()
+@_redis_here
 @click.argument("run")
 @click.pass_obj
 def reap(settings: _Settings, run: str) -> None:
@@ -449,3 +486,6 @@ def server_url() -> None:
 # Commands that live beside the concept they serve.
 main.add_command(export_command)
 main.add_command(import_command)
+main.add_command(acl_command)
+for _command in RUN_COMMANDS:
+    main.add_command(_command)

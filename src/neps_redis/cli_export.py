@@ -21,7 +21,13 @@ from redis.exceptions import RedisError
 from rich.console import Console
 from rich.table import Table
 
-from neps_redis.connection import URL_ENV, redact_url, resolve_url
+from neps_redis.connection import (
+    URL_ENV,
+    redact_text,
+    redact_url,
+    resolve_url,
+    tls_failure,
+)
 from neps_redis.errors import NePSError
 from neps_redis.export import (
     DEFAULT_KEEP,
@@ -62,9 +68,11 @@ def _one_line_errors(url: str) -> Iterator[None]:
     except NePSError as error:
         raise click.ClickException(str(error)) from None
     except RedisError as error:
-        raise click.ClickException(
-            f"The Redis server at {redact_url(url)} failed: {error}"
-        ) from None
+        where = redact_url(url)
+        message = (
+            tls_failure(error, where) or f"The Redis server at {where} failed: {error}"
+        )
+        raise click.ClickException(redact_text(message, url)) from None
 
 
 def _export_line(result: ExportResult) -> str:

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import re
+import ssl
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -26,14 +27,20 @@ from typing import Any
 
 import redis
 from redis.backoff import EqualJitterBackoff
+from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from neps_redis import defaults
 from neps_redis.errors import NePSError, UnsafeServerError
 from neps_redis.server import EmbeddedServer
+from neps_redis.topology import (
+    cluster_from_url,
+    is_cluster_url,
+    is_sentinel_url,
+    sentinel_from_url,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -89,27 +96,70 @@ def resolve_url(url: str | None = None) -> str:
     return defaults.FALLBACK_URL
 
 
+def _incurable(error: Exception) -> bool:
+    """Whether no retry can cure `error`: a refused password, or a server
+    certificate that does not verify.
+
+    redis-py makes both a ConnectionError, the class retried for a server
+    that restarts; retrying them only delays the message by the whole
+    backoff. Other TLS errors (a handshake cut by a restart) stay retried.
+    """
+    if isinstance(error, AuthenticationError):
+        return True
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+class _Retry(Retry):
+    """redis-py's Retry, giving up at once on an incurable error."""
+
+    def call_with_retry(  # type: ignore[override]
+        self,
+        do: Any,
+        fail: Any,
+        is_retryable: Any = None,
+        with_failure_count: bool = False,
+    ) -> Any:
+        def retryable(error: Exception) -> bool:
+            if _incurable(error):
+                return False
+            return is_retryable(error) if is_retryable else True
+
+        return super().call_with_retry(do, fail, retryable, with_failure_count)
+
+
 def retry_policy(retries: int = defaults.CONNECTION_RETRIES) -> Retry:
     """Retries for a broken connection: 10 tries, 50 ms to 2 s apart.
 
     Half of each pause is fixed and half random, so that the tries together
     wait at least 6.5 s (a restarted server is back) while workers that lost
     the server at the same moment do not all come back at the same moment.
+    A wrong password or certificate fails at once.
     """
     backoff = EqualJitterBackoff(
         base=defaults.CONNECTION_BACKOFF_BASE, cap=defaults.CONNECTION_BACKOFF_CAP
     )
-    return Retry(backoff, retries=retries)
+    return _Retry(backoff, retries=retries)
 
 
-def client_from_url(url: str, **kwargs: Any) -> redis.Redis:
-    """A client for `url` with the package's retry policy set explicitly."""
+def client_from_url(url: str, **kwargs: Any) -> Any:
+    """A client for `url` with the package's retry policy set explicitly: a
+    redis.Redis, or a redis.RedisCluster for ``redis+cluster://`` (see
+    topology.py)."""
     options: dict[str, Any] = {
         "retry": retry_policy(),
         "retry_on_error": [RedisConnectionError, RedisTimeoutError],
         "health_check_interval": 30,
     }
     options.update(kwargs)
+    if is_cluster_url(url):
+        return cluster_from_url(url, redact_url(url), **options)
+    if is_sentinel_url(url):
+        return sentinel_from_url(url, redact_url(url), **options)
     try:
         return redis.Redis.from_url(url, **options)
     except ValueError as error:
@@ -156,6 +206,34 @@ def connect(target: Any = None) -> Any:
     )
 
 
+def tls_failure(error: BaseException, where: str) -> str | None:
+    """One readable line for a connection that failed in its TLS handshake,
+    or None when `error` has another cause.
+
+    redis-py wraps the `ssl` error in its own ConnectionError, whose text
+    is a long line ending in a C source position; a person needs to know
+    that the certificate was refused and which setting to look at.
+    """
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, ssl.SSLError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        return None
+    reason = getattr(cause, "verify_message", None) or getattr(cause, "reason", None)
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return (
+            f"TLS certificate verification failed for the server at {where}:"
+            f" {reason or cause}. Check that ssl_ca_certs in the URL names the CA"
+            " that signed the server's certificate, and that the certificate names"
+            " the host you connect to."
+        )
+    return (
+        f"The TLS handshake with the server at {where} failed: {reason or cause}."
+        " If the server requires client certificates, give ssl_certfile and"
+        " ssl_keyfile in the URL."
+    )
+
+
 def describe_client(client: Any) -> str:
     """Where a client points, password-free, for messages and equality."""
     pool = getattr(client, "connection_pool", None)
@@ -163,6 +241,8 @@ def describe_client(client: Any) -> str:
         nodes = getattr(client, "startup_nodes", None) or []
         return "cluster:" + ",".join(sorted(n.name for n in nodes))
     kw = pool.connection_kwargs
+    if service := getattr(pool, "service_name", None):
+        return f"sentinel:{service}/{kw.get('db', 0)}"
     if "path" in kw:
         return f"unix://{kw['path']}?db={kw.get('db', 0)}"
     scheme = "rediss" if "SSL" in pool.connection_class.__name__ else "redis"
@@ -222,8 +302,13 @@ def check_server(client: Any) -> ServerDescription:
     """
     if (known := _checked.get(client)) is not None:
         return known
-    server = describe_server(client)
     where = redact_url(describe_client(client))
+    try:
+        server = describe_server(client)
+    except RedisConnectionError as error:
+        if (message := tls_failure(error, where)) is None:
+            raise
+        raise NePSError(message) from None
     if server.maxmemory_policy is None:
         warnings.warn(
             f"Could not verify the eviction policy of the server at {where}"
@@ -247,3 +332,56 @@ def check_server(client: Any) -> ServerDescription:
     with contextlib.suppress(TypeError):
         _checked[client] = server
     return server
+
+
+WAIT_AOF_ENV = "NEPS_REDIS_WAIT_AOF"
+
+# How long a report waits for the local fsync. An AOF that is not on disk
+# after this long means a stalled disk, which the log then reports.
+WAIT_AOF_TIMEOUT_MS = 10_000
+
+
+def supports_waitaof(server: ServerDescription) -> bool:
+    """Whether the server has WAITAOF (Redis 7.2, and Valkey, which forked
+    from Redis 7.2.4, from its first release)."""
+    return server.name == "valkey" or server.version >= (7, 2)
+
+
+def aof_wait_ms(
+    client: Any, server: ServerDescription, wanted: bool | None
+) -> int | None:
+    """The WAITAOF timeout for reports, or None when reports do not wait.
+
+    `wanted` None means NEPS_REDIS_WAIT_AOF. Asking for the wait where it
+    cannot be had is refused rather than ignored: a caller who asked for it
+    counts on it.
+
+    Raises:
+        NePSError: The server lacks WAITAOF or has no AOF, or `client` is a
+            Cluster client (a keyless WAITAOF could reach another node than
+            the write).
+    """
+    if wanted is None:
+        wanted = defaults.env_flag(WAIT_AOF_ENV)
+    if not wanted:
+        return None
+
+    where = redact_url(describe_client(client))
+    if getattr(client, "connection_pool", None) is None:
+        raise NePSError(
+            f"Waiting for the AOF ({WAIT_AOF_ENV}, wait_aof) is not supported on"
+            f" Redis Cluster ({where})."
+        )
+    if not supports_waitaof(server):
+        raise NePSError(
+            f"Waiting for the AOF ({WAIT_AOF_ENV}, wait_aof) needs WAITAOF, which"
+            f" the server at {where} ({server.label}) does not have: it came with"
+            " Redis 7.2 and Valkey. Unset it, or use a newer server."
+        )
+    persistence = client.info("persistence")
+    if not int(persistence.get("aof_enabled", 0)):
+        raise NePSError(
+            f"Waiting for the AOF ({WAIT_AOF_ENV}, wait_aof) needs the server at"
+            f" {where} to write one: set 'appendonly yes' there."
+        )
+    return WAIT_AOF_TIMEOUT_MS

@@ -85,7 +85,7 @@ from neps_redis.errors import (
     TrialAlreadyExistsError,
     TrialNotFoundError,
 )
-from neps_redis.keys import validate_run_name
+from neps_redis.keys import RunKeys, validate_run_name
 from neps_redis.model import (
     BudgetInfo,
     ErrDump,
@@ -380,17 +380,63 @@ def read_marker(root: Path) -> dict[str, Any] | None:
     return data
 
 
-def _write_marker(root: Path, run: str, client: Any) -> None:
+# Marks "keep what the marker says" where None means "not known".
+_KEEP: Any = object()
+
+
+def _write_marker(root: Path, run: str, client: Any, *, created: Any = _KEEP) -> None:
+    """Write the marker; `created` is the creation time of the run's current
+    incarnation, None while the run does not exist (by default, what the
+    old marker says)."""
+    if created is _KEEP:
+        created = None
+        with contextlib.suppress(NePSError):
+            old = read_marker(root)
+            if old is not None and old["run"] == run:
+                created = old.get("created")
     data = {
         "neps_redis": MARKER_FORMAT,
         "run": run,
         "server": describe_client(client),
         "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    if created is not None:
+        data["created"] = created
     root.mkdir(parents=True, exist_ok=True)
     temporary = root / f".{MARKER}.{os.getpid()}"
     temporary.write_text(json.dumps(data, indent=2) + "\n")
     temporary.replace(root / MARKER)
+
+
+def _created_at(client: Any, run: str) -> str | None:
+    """When the run's current incarnation was created (None: no such run)."""
+    value = client.hget(RunKeys(run).meta, "created_at")
+    return None if value is None else value.decode()
+
+
+def _set_aside_earlier_incarnation(
+    root: Path, marker: Any, current: str | None
+) -> None:
+    """Move this machine's files of an earlier incarnation of the run aside.
+
+    A run started afresh elsewhere numbers its trials from 1 again: left in
+    place, the old trial directories would be handed to the new trials'
+    evaluations as their `pipeline_directory`, checkpoints and all.
+    """
+    recorded = None if marker is None else marker.get("created")
+    if recorded is None or recorded == current:
+        return
+    aside = root / f"replaced-{recorded}"
+    aside.mkdir(parents=True, exist_ok=True)
+    for name in ("configs", "summary", OPTIMIZER_INFO_COPY, PIPELINE_SPACE_COPY):
+        if (root / name).exists():
+            (root / name).replace(aside / name)
+    logger.warning(
+        "Run %r was started afresh since this machine last worked on it; its"
+        " files of the earlier run were moved to %s.",
+        marker["run"],
+        aside,
+    )
 
 
 def attach(root_directory: str | os.PathLike, *, run: str, redis: Any = None) -> Path:
@@ -587,10 +633,16 @@ class RedisBackedNePSState(NePSState):
         self._optimizer_state_path = root / "optimizer_state.pkl"
         self._pipeline_space_path = root / PIPELINE_SPACE_COPY
         self._shared_errors_path = root / "shared_errors.jsonl"
-        # Claim tokens of the trials this object handed out, so that their
-        # reports are fenced; and previous-trial locations hidden from the
-        # evaluation function because their directory is not on this machine.
-        self._tokens: dict[str, str] = {}
+        # NePS's trials cannot carry a claim token, so they are kept here:
+        # those of the claims this object made, which fence its workers'
+        # reports and are never replaced by a token read later (that would
+        # be another worker's, after a takeover), and those read with
+        # evaluating trials (a result saved later from another process
+        # presents the token its trial is held under). Also the locations of
+        # previous trials hidden from evaluations because their directory is
+        # not on this machine.
+        self._claims: dict[str, str] = {}
+        self._read_tokens: dict[str, str] = {}
         self._hidden_previous: dict[str, str] = {}
         # The optimizer-state snapshot `_sample_trial` took, stored with the
         # trials by the next `store_new_trial` (NePS splits the two).
@@ -628,11 +680,8 @@ class RedisBackedNePSState(NePSState):
     # --- conversions with this machine's root directory
 
     def to_neps(self, trial: Trial) -> NepsTrial:
-        # A trial read while evaluating carries the claim token it is held
-        # under: NePS's trial cannot, so it is kept here for the report
-        # (a result saved later by another process presents it).
         if trial.token is not None:
-            self._tokens[trial.id] = trial.token
+            self._read_tokens[trial.id] = trial.token
         return to_neps_trial(trial, self.path)
 
     def from_neps(self, trial: NepsTrial) -> Trial:
@@ -640,8 +689,13 @@ class RedisBackedNePSState(NePSState):
         hidden = self._hidden_previous.get(trial.id)
         if hidden is not None and trial.metadata.previous_trial_location is None:
             converted.metadata.previous_trial_location = hidden
-        converted.token = self._tokens.get(trial.id)
+        converted.token = self._claims.get(trial.id) or self._read_tokens.get(trial.id)
         return converted
+
+    def _forget(self, trial_id: str) -> None:
+        self._claims.pop(trial_id, None)
+        self._read_tokens.pop(trial_id, None)
+        self._hidden_previous.pop(trial_id, None)
 
     def _to_neps_trials(self, trials: Mapping[str, Trial]) -> dict[str, NepsTrial]:
         return {trial_id: self.to_neps(t) for trial_id, t in trials.items()}
@@ -656,6 +710,8 @@ class RedisBackedNePSState(NePSState):
         is not on this machine, and an evaluation function given a path that
         does not exist would fail where one given None starts afresh.
         """
+        if trial.token is not None:
+            self._claims[trial.id] = trial.token
         neps_trial = self.to_neps(trial)
         _make_directory(neps_trial.metadata.location, neps_trial.config)
         previous = neps_trial.metadata.previous_trial_location
@@ -786,7 +842,7 @@ class RedisBackedNePSState(NePSState):
                 # NePS's own runtime may store its trial already evaluating:
                 # it is held like any claimed trial, under a token of its own.
                 trial.token = secrets.token_hex(16)
-                self._tokens[trial.id] = trial.token
+                self._claims[trial.id] = trial.token
         sampled_state, self._sampled_state = self._sampled_state, None
         worker_id = trials[0].metadata.sampling_worker_id if trials else ""
         with neps_errors():
@@ -850,10 +906,10 @@ class RedisBackedNePSState(NePSState):
     def _report_trial_evaluation(
         self, trial: NepsTrial, report: NepsReport, *, worker_id: str | None
     ) -> None:
-        """Store the report (fenced by the claim token when this object
-        handed the trial out). A report refused because the trial was taken
-        over is kept as an event by the script and logged here; the worker
-        goes on."""
+        """Store the report, fenced by the trial's claim token. A report
+        refused because the trial was taken over (the state logs it, and
+        keeps the result as a late_report event) does not stop the worker:
+        NePS's loop would otherwise end on it."""
         trial.report = report
         ours = self.from_neps(trial)
         try:
@@ -862,15 +918,11 @@ class RedisBackedNePSState(NePSState):
                     ours, ours.report, worker_id=worker_id or ""
                 )
         except LeaseLostError:
-            logger.warning(
-                "Worker %r lost trial %r (its lease expired and it was taken"
-                " over); its result is kept as a late_report event only.",
-                worker_id,
-                trial.id,
+            logger.debug(
+                "Worker %r goes on after losing trial %r.", worker_id, trial.id
             )
         finally:
-            self._tokens.pop(trial.id, None)
-            self._hidden_previous.pop(trial.id, None)
+            self._forget(trial.id)
 
     def lock_and_report_trial_evaluation(
         self, trial: NepsTrial, report: NepsReport, *, worker_id: str
@@ -878,8 +930,15 @@ class RedisBackedNePSState(NePSState):
         self._report_trial_evaluation(trial, report, worker_id=worker_id)
 
     def put_updated_trial(self, trial: NepsTrial, *, hints: Any = None) -> None:
+        ours = self.from_neps(trial)
         with neps_errors():
-            self.redis.put_updated_trial(self.from_neps(trial), hints=hints)
+            self.redis.put_updated_trial(ours, hints=hints)
+        # A put that claims (NePS's runtime sets a pending trial evaluating)
+        # holds it under a fresh token, which its report must present.
+        if ours.token is None:
+            self._forget(trial.id)
+        else:
+            self._claims[trial.id] = ours.token
 
     def lock_and_import_trials(
         self, imported_configs: list, *, worker_id: str
@@ -1002,6 +1061,11 @@ class RedisBackedNePSState(NePSState):
             raise as_neps_error(worded) from error
         backed = cls(state, root, pipeline_space)
         if not load_only:
+            created = _created_at(binding.client, binding.run)
+            with contextlib.suppress(NePSError):
+                marker = read_marker(root)
+                if marker is not None and marker.get("created") != created:
+                    _write_marker(root, binding.run, binding.client, created=created)
             _write_optimizer_info_copy(root, state)
             if pipeline_space is not None:
                 # As NePS does, hand back the space as it reads back: equal
@@ -1405,7 +1469,9 @@ def run(
             f"{root} belongs to run '{existing['run']}', not '{run}'. Use another"
             " root directory for another run."
         )
-    _write_marker(root, run, client)
+    current = _created_at(client, run)
+    _set_aside_earlier_incarnation(root, existing, current)
+    _write_marker(root, run, client, created=current)
     with _BINDINGS_LOCK:
         _BINDINGS[root] = binding
 

@@ -18,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from neps_redis.errors import ERROR_CODES, TrialAlreadyExistsError
 
@@ -109,10 +109,60 @@ class Scripts:
             name: client.register_script(source(name)) for name in TRANSITIONS
         }
 
-    def run(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        """Run transition `name`; coded errors become exceptions."""
+    def run(
+        self,
+        name: str,
+        keys: list[str],
+        args: list[Any],
+        *,
+        wait_aof_ms: int | None = None,
+    ) -> Any:
+        """Run transition `name`; coded errors become exceptions.
+
+        With `wait_aof_ms`, the reply comes once the write is in the
+        server's AOF on disk (WAITAOF), or after that many milliseconds.
+        """
         try:
+            if wait_aof_ms is not None:
+                return self._run_then_wait_aof(name, keys, args, wait_aof_ms)
             return self._scripts[name](keys=keys, args=args, client=self._client)
         except ResponseError as error:
             raise_for_error(error)
             raise  # raise_for_error always raises; this keeps type checkers calm
+
+    def _run_then_wait_aof(
+        self, name: str, keys: list[str], args: list[Any], timeout_ms: int
+    ) -> Any:
+        # WAITAOF waits for the last write of the connection it is sent on,
+        # so it must follow the script on the same connection. A pipeline
+        # without MULTI holds one connection for both and costs one round
+        # trip. It cannot use redis-py's NOSCRIPT fallback (a pipeline would
+        # send SCRIPT EXISTS first, one more command for the ACL), so this
+        # loads the script itself when the cache was emptied and sends the
+        # pair again: the script did not run, and had it run, its request
+        # key would answer the second copy with the first reply. A pipeline
+        # broken by a lost connection is re-sent by redis-py's retry, which
+        # the request key makes safe in the same way.
+        script = self._scripts[name]
+        for attempt in (1, 2):
+            pipe = self._client.pipeline(transaction=False)
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+            pipe.execute_command("WAITAOF", 1, 0, timeout_ms)
+            reply, synced = pipe.execute(raise_on_error=False)
+            if isinstance(reply, NoScriptError) and attempt == 1:
+                self._client.script_load(script.script)
+                continue
+            break
+        if isinstance(reply, Exception):
+            raise reply
+        if isinstance(synced, Exception):
+            raise synced
+        if int(synced[0]) < 1:
+            logger.error(
+                "The %s write is not in the server's AOF on disk after %d ms;"
+                " it is applied, but a crash of the machine now could lose it."
+                " Check the server's disk.",
+                name,
+                timeout_ms,
+            )
+        return reply

@@ -50,7 +50,12 @@ from neps_redis.codec import (
     optimizer_state_to_fields,
     trial_to_fields,
 )
-from neps_redis.connection import check_server, connect, describe_client
+from neps_redis.connection import (
+    aof_wait_ms,
+    check_server,
+    connect,
+    describe_client,
+)
 from neps_redis.errors import (
     EncodingError,
     InvalidNameError,
@@ -189,6 +194,8 @@ class RedisNePSState:
         self.optimizer_wait_seconds = defaults.optimizer_wait_seconds()
         self.events_maxlen = defaults.events_maxlen()
         self.request_ttl_ms = defaults.request_ttl_ms()
+        # Set by create_or_load: how long a report waits for the AOF, if at all.
+        self.wait_aof_ms: int | None = None
 
         # Liveness (see leases.py): read when the heartbeat starts, so a
         # caller may change them on a fresh state.
@@ -233,6 +240,7 @@ class RedisNePSState:
         pipeline_space: Any = None,
         allow_pickle: bool | None = None,
         heartbeat: bool | None = None,
+        wait_aof: bool | None = None,
     ) -> RedisNePSState:
         """Create run `run`, or load it if it exists.
 
@@ -254,15 +262,19 @@ class RedisNePSState:
                 a background thread (started with the first claim, stopped
                 by `close`). False for callers that keep leases alive
                 themselves. Default: on, unless NEPS_REDIS_HEARTBEAT=0.
+            wait_aof: Make each report wait until the server wrote it to its
+                AOF on disk (WAITAOF; Redis 7.2 and Valkey, with appendonly
+                yes). Default: NEPS_REDIS_WAIT_AOF.
 
         Raises:
             FileNotFoundError: `load_only` and the run does not exist.
             NePSError: Different optimizer info or pipeline space; a run
-                written by an incompatible layout version; an evicting server.
+                written by an incompatible layout version; an evicting server;
+                `wait_aof` on a server that cannot wait for its AOF.
         """
         keys = RunKeys(run)
         client = connect(redis)
-        check_server(client)
+        wait_aof_ms = aof_wait_ms(client, check_server(client), wait_aof)
         if allow_pickle is None:
             allow_pickle = defaults.env_flag(ALLOW_PICKLE_ENV)
 
@@ -273,7 +285,7 @@ class RedisNePSState:
                     f"No NePS run '{run}' at {describe_client(client)}."
                 )
             cls._check_schema(run, stored.get("schema_version"))
-            return cls._load(
+            state = cls._load(
                 run,
                 client,
                 stored,
@@ -281,6 +293,8 @@ class RedisNePSState:
                 allow_pickle=allow_pickle,
                 heartbeat=heartbeat,
             )
+            state.wait_aof_ms = wait_aof_ms
+            return state
 
         if optimizer_info is None or optimizer_state is None:
             raise ValueError(
@@ -343,7 +357,7 @@ class RedisNePSState:
                 )
         stored = cls._read_meta(client, keys)
         assert stored is not None
-        return cls._load(
+        state = cls._load(
             run,
             client,
             stored,
@@ -351,6 +365,8 @@ class RedisNePSState:
             allow_pickle=allow_pickle,
             heartbeat=heartbeat,
         )
+        state.wait_aof_ms = wait_aof_ms
+        return state
 
     @classmethod
     def delete_run(cls, run: str, *, redis: Any = None, worker_id: str = "") -> int:
@@ -1182,6 +1198,7 @@ class RedisNePSState:
                     2 * len(err_fields),
                     *_flatten(err_fields),
                 ],
+                wait_aof_ms=self.wait_aof_ms,
             )
         except LeaseLostError:
             self._release(trial.id)

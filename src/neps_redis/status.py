@@ -58,6 +58,10 @@ class RunSummary:
     workers: list[WorkerSummary] = field(default_factory=list)
     shared_errors: int = 0
     registered_workers: int = 0
+    cost_budget: float | None = None
+    cost_used: float = 0.0
+    # The newest shared errors, oldest first, as "trial <id>: <type>: <text>".
+    recent_errors: list[str] = field(default_factory=list)
 
     @property
     def finished(self) -> int:
@@ -114,7 +118,30 @@ def _workers(trials: Mapping[str, Trial], registered: list[str]) -> list[WorkerS
     ]
 
 
-def summarize(state: RedisNePSState) -> RunSummary:
+def _cost_used(trials: Mapping[str, Trial]) -> float:
+    total = 0.0
+    for trial in trials.values():
+        cost = None if trial.report is None else trial.report.cost
+        if isinstance(cost, int | float) and math.isfinite(cost):
+            total += float(cost)
+    return total
+
+
+def _recent_errors(state: RedisNePSState, count: int) -> list[str]:
+    # Only the newest few are read: a long run may have thousands.
+    entries = state.client.xrevrange(state.keys.errors, count=count)
+    lines = []
+    for _, raw in reversed(entries):
+        fields = {k.decode(): v.decode() for k, v in raw.items()}
+        text = fields.get("err", "").strip().splitlines() or [""]
+        lines.append(
+            f"trial {fields.get('trial_id', '?')}: {fields.get('err_type', '?')}:"
+            f" {text[0]}"
+        )
+    return lines
+
+
+def summarize(state: RedisNePSState, *, recent_errors: int = 3) -> RunSummary:
     """The summary of the run `state` belongs to.
 
     Reads every trial once; the counts come from the run's counts hash, so
@@ -124,7 +151,7 @@ def summarize(state: RedisNePSState) -> RunSummary:
     counts = {s.value: int(stored.get(s.value, 0)) for s in State}
     trials = state.lock_and_read_trials()
     registered = state.worker_ids()
-    budget, _, _ = state.lock_and_get_global_budgets()
+    budget, cost_budget, _ = state.lock_and_get_global_budgets()
 
     multi_objective = _is_multi_objective(trials)
     best: Trial | None = None
@@ -148,4 +175,7 @@ def summarize(state: RedisNePSState) -> RunSummary:
         workers=_workers(trials, registered),
         shared_errors=int(state.client.xlen(state.keys.errors)),
         registered_workers=len(registered),
+        cost_budget=cost_budget,
+        cost_used=_cost_used(trials),
+        recent_errors=_recent_errors(state, recent_errors),
     )

@@ -1,0 +1,755 @@
+"""The ``neps-redis`` commands that look into runs and tend them.
+
+``runs``, ``trials``, ``show``, ``errors``, ``workers`` and ``watch`` only
+read; ``reset``, ``remove`` and ``delete`` change a run, each through the
+one Lua transition that does it. Every command takes ``--redis`` after its
+name as well as before it, prints tables for people and ``--json`` for
+scripts, and exits 0 when it did what was asked, 1 when the run or trial
+does not exist or the server failed, 2 on a usage error (click's own).
+Nothing here prints a password.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import re
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import click
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+
+from neps_redis.cli_export import _redis_option, _url
+from neps_redis.codec import decode_hash, json_to_budget, loads_json
+from neps_redis.connection import client_from_url, connect, redact_url
+from neps_redis.errors import NePSError
+from neps_redis.keys import PREFIX, RunKeys
+from neps_redis.model import State, Trial
+from neps_redis.state import RedisNePSState
+
+# The meta hash is the one key every run has from creation to deletion.
+_META_PATTERN = f"{PREFIX}:{{*}}:meta"
+_META_KEY = re.compile(rf"^{PREFIX}:\{{(?P<run>[^{{}}]*)\}}:meta$")
+
+_SORTS = ("objective", "id", "time")
+
+# How far back `watch` looks for the latest results before following.
+_RECENT_EVENTS = 200
+_STATES = [s.value for s in State]
+
+
+def _console() -> Console:
+    return Console(highlight=False, soft_wrap=False)
+
+
+def _plain(value: Any) -> Any:
+    """`value` as strict JSON allows it: NaN and infinities become strings,
+    anything unknown its text."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if hasattr(value, "item"):  # numpy scalars
+        return _plain(value.item())
+    return str(value)
+
+
+def _echo_json(value: Any) -> None:
+    click.echo(json.dumps(_plain(value), indent=2))
+
+
+def _when(seconds: Any) -> str:
+    if not isinstance(seconds, int | float) or not math.isfinite(seconds):
+        return "-"
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _when_short(seconds: Any) -> str:
+    # Tables of many trials: the date is rarely news, the time is.
+    text = _when(seconds)
+    return text[5:] if text != "-" else text
+
+
+def _short(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _load(run: str, url: str) -> RedisNePSState:
+    """The run, read-only: no heartbeat, no worker registered."""
+    return RedisNePSState.create_or_load(
+        run, redis=url, load_only=True, heartbeat=False
+    )
+
+
+# --- runs ------------------------------------------------------------------
+
+
+def _primaries(client: Any) -> list[Any]:
+    """One plain client per primary: the server itself, or every primary of
+    a cluster (SCAN only sees the keys of the node it is sent to)."""
+    if hasattr(client, "get_primaries"):
+        return [
+            node.redis_connection or client.get_redis_connection(node)
+            for node in client.get_primaries()
+        ]
+    return [client]
+
+
+def run_names(client: Any) -> list[str]:
+    """Every run on the server (all primaries of a cluster), sorted."""
+    names: set[str] = set()
+    for node in _primaries(client):
+        for key in node.scan_iter(match=_META_PATTERN, count=1000):
+            text = key.decode() if isinstance(key, bytes) else key
+            if match := _META_KEY.match(text):
+                names.add(match["run"])
+    return sorted(names)
+
+
+def evaluation_budget(client: Any, keys: RunKeys) -> int | None:
+    """The run's evaluation budget, read without loading the optimizer state
+    (whose RNG snapshot may need libraries this machine lacks)."""
+    raw = client.hget(keys.optimizer_state, "budget")
+    return None if raw is None else json_to_budget(raw).total_evaluations_to_spend
+
+
+def _run_row(client: Any, run: str) -> dict[str, Any]:
+    keys = RunKeys(run)
+    counts = {k: int(v) for k, v in decode_hash(client.hgetall(keys.counts)).items()}
+    return {
+        "run": run,
+        "counts": {s: counts.get(s, 0) for s in _STATES},
+        "total": sum(counts.values()),
+        "evaluation_budget": evaluation_budget(client, keys),
+        "workers": int(client.zcard(keys.workers)),
+    }
+
+
+@click.command("runs")
+@_redis_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def runs_command(redis_url: str | None, as_json: bool) -> None:
+    """List every run on the server (every primary of a cluster) with its
+    trials by state."""
+    url = _url(redis_url)
+    client = connect(url)
+    rows = [_run_row(client, run) for run in run_names(client)]
+
+    if as_json:
+        _echo_json(rows)
+        return
+    if not rows:
+        click.echo(f"No runs at {redact_url(url)}.")
+        return
+    # A state no run has a trial in would only take room from the names.
+    states = [s for s in _STATES if any(row["counts"][s] for row in rows)]
+    table = Table()
+    table.add_column("run", no_wrap=True)
+    for name in states:
+        table.add_column(name, justify="right")
+    table.add_column("total", justify="right")
+    table.add_column("budget", justify="right")
+    table.add_column("workers", justify="right")
+    for row in rows:
+        table.add_row(
+            row["run"],
+            *(str(row["counts"][s]) for s in states),
+            str(row["total"]),
+            _short(row["evaluation_budget"]),
+            str(row["workers"]),
+        )
+    _console().print(table)
+
+
+# --- trials ----------------------------------------------------------------
+
+
+def _objective(trial: Trial) -> Any:
+    return None if trial.report is None else trial.report.objective_to_minimize
+
+
+def _trial_row(trial: Trial) -> dict[str, Any]:
+    meta = trial.metadata
+    report = trial.report
+    return {
+        "id": trial.id,
+        "state": meta.state.value,
+        "objective_to_minimize": _objective(trial),
+        "cost": None if report is None else report.cost,
+        "sampling_worker_id": meta.sampling_worker_id,
+        "evaluating_worker_id": meta.evaluating_worker_id,
+        "time_sampled": meta.time_sampled,
+        "time_started": meta.time_started,
+        "time_end": meta.time_end,
+        "evaluation_duration": meta.evaluation_duration,
+        "config": dict(trial.config),
+    }
+
+
+def _numeric_id(trial_id: str) -> tuple[int, Any]:
+    # Ids are usually numbers ("1", "2", "10"), which must not sort as text.
+    return (0, int(trial_id)) if trial_id.isdigit() else (1, trial_id)
+
+
+def _sort_key(sort: str) -> Any:
+    if sort == "id":
+        return lambda t: _numeric_id(t.id)
+    if sort == "time":
+        return lambda t: (t.metadata.time_sampled or 0.0, _numeric_id(t.id))
+
+    def by_objective(trial: Trial) -> tuple[int, float, Any]:
+        value = _objective(trial)
+        if isinstance(value, int | float) and not math.isnan(float(value)):
+            return (0, float(value), _numeric_id(trial.id))
+        # Trials without a number to rank come last, by id.
+        return (1, 0.0, _numeric_id(trial.id))
+
+    return by_objective
+
+
+@click.command("trials")
+@click.argument("run")
+@_redis_option
+@click.option(
+    "--state",
+    "states",
+    multiple=True,
+    type=click.Choice(_STATES),
+    help="Only trials in this state (repeat for several).",
+)
+@click.option(
+    "--worker",
+    metavar="WORKER_ID",
+    help="Only trials this worker sampled or evaluated.",
+)
+@click.option(
+    "--sort",
+    type=click.Choice(_SORTS),
+    default="id",
+    show_default=True,
+    help="Order: lowest objective first, by id, or by time sampled.",
+)
+@click.option("--limit", type=click.IntRange(min=1), help="Show at most N trials.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.option("--csv", "as_csv", is_flag=True, help="Print CSV, one trial a row.")
+def trials_command(
+    run: str,
+    redis_url: str | None,
+    states: tuple[str, ...],
+    worker: str | None,
+    sort: str,
+    limit: int | None,
+    as_json: bool,
+    as_csv: bool,
+) -> None:
+    """List RUN's trials: state, objective, cost, workers, times."""
+    if as_json and as_csv:
+        raise click.UsageError("Choose one of --json and --csv.")
+    state = _load(run, _url(redis_url))
+    trials = list(state.lock_and_read_trials().values())
+    if states:
+        trials = [t for t in trials if t.metadata.state.value in states]
+    if worker is not None:
+        trials = [
+            t
+            for t in trials
+            if worker
+            in (t.metadata.sampling_worker_id, t.metadata.evaluating_worker_id)
+        ]
+    trials.sort(key=_sort_key(sort))
+    rows = [_trial_row(t) for t in trials[:limit]]
+
+    if as_json:
+        _echo_json(rows)
+    elif as_csv:
+        _write_csv(rows)
+    else:
+        _print_trials(run, rows, shown=len(rows), matching=len(trials))
+
+
+def _write_csv(rows: list[dict[str, Any]]) -> None:
+    params = sorted({name for row in rows for name in row["config"]})
+    columns = [c for c in (rows[0] if rows else _trial_row_columns()) if c != "config"]
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    writer.writerow([*columns, *(f"config.{p}" for p in params)])
+    for row in rows:
+        cells = [_csv_cell(row[c]) for c in columns]
+        cells += [_csv_cell(row["config"].get(p)) for p in params]
+        writer.writerow(cells)
+
+
+def _trial_row_columns() -> list[str]:
+    return [
+        "id",
+        "state",
+        "objective_to_minimize",
+        "cost",
+        "sampling_worker_id",
+        "evaluating_worker_id",
+        "time_sampled",
+        "time_started",
+        "time_end",
+        "evaluation_duration",
+    ]
+
+
+def _csv_cell(value: Any) -> str:
+    value = _plain(value)
+    if value is None:
+        return ""
+    if isinstance(value, list | dict):
+        return json.dumps(value)
+    return str(value)
+
+
+def _print_trials(
+    run: str, rows: list[dict[str, Any]], *, shown: int, matching: int
+) -> None:
+    table = Table()
+    table.add_column("id", no_wrap=True)
+    table.add_column("state")
+    table.add_column("objective", justify="right")
+    table.add_column("cost", justify="right")
+    table.add_column("sampler")
+    table.add_column("evaluator")
+    table.add_column("sampled (UTC)", no_wrap=True)
+    table.add_column("seconds", justify="right")
+    for row in rows:
+        table.add_row(
+            row["id"],
+            row["state"],
+            _short(row["objective_to_minimize"]),
+            _short(row["cost"]),
+            row["sampling_worker_id"],
+            _short(row["evaluating_worker_id"]),
+            _when_short(row["time_sampled"]),
+            _short(row["evaluation_duration"]),
+        )
+    more = f" (first {shown} of {matching})" if shown < matching else ""
+    _console().print(Group(Text(f"Run '{run}': {matching} trials{more}"), table))
+
+
+# --- show ------------------------------------------------------------------
+
+
+@click.command("show")
+@click.argument("run")
+@click.argument("trial_id", metavar="TRIAL")
+@_redis_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def show_command(run: str, trial_id: str, redis_url: str | None, as_json: bool) -> None:
+    """Show everything about one trial of RUN: metadata, config, report,
+    error and traceback, and the attempts that lost their lease."""
+    state = _load(run, _url(redis_url))
+    trial = state.lock_and_get_trial_by_id(trial_id)
+    history = state.attempt_history(trial_id)
+    report = trial.report
+    record: dict[str, Any] = {
+        "run": run,
+        "id": trial.id,
+        "source": trial.source,
+        "metadata": {
+            name: getattr(trial.metadata, name)
+            for name in trial.metadata.__dataclass_fields__
+        },
+        "config": dict(trial.config),
+        "report": None
+        if report is None
+        else {
+            "reported_as": report.reported_as,
+            "objective_to_minimize": report.objective_to_minimize,
+            "cost": report.cost,
+            "learning_curve": report.learning_curve,
+            "extra": dict(report.extra),
+            "evaluation_duration": report.evaluation_duration,
+            "err": None if report.err is None else str(report.err),
+            "tb": report.tb,
+        },
+        "attempts": history,
+    }
+    record["metadata"]["state"] = trial.metadata.state.value
+    if as_json:
+        _echo_json(record)
+        return
+    _print_trial(record)
+
+
+def _pairs(title: str, values: Mapping[str, Any]) -> Table:
+    table = Table(title=title, title_justify="left", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for name, value in values.items():
+        shown = _when(value) if name.startswith("time_") else _short(value)
+        table.add_row(name, shown)
+    return table
+
+
+def _print_trial(record: dict[str, Any]) -> None:
+    parts: list[Any] = [
+        Text(f"Trial {record['id']} of run '{record['run']}'", style="bold"),
+        _pairs("metadata", record["metadata"]),
+        _pairs("config", record["config"]),
+    ]
+    report = record["report"]
+    if report is None:
+        parts.append(Text("No report yet."))
+    else:
+        parts.append(_pairs("report", {k: v for k, v in report.items() if k != "tb"}))
+        if report["tb"]:
+            parts += [Text("traceback", style="bold"), Text(report["tb"].rstrip())]
+    if record["attempts"]:
+        table = Table(title="attempts that lost their lease", title_justify="left")
+        for name in ("attempt", "worker id", "started", "reason"):
+            table.add_column(name)
+        for attempt in record["attempts"]:
+            table.add_row(
+                _short(attempt.get("attempt")),
+                _short(attempt.get("worker_id")),
+                _when(attempt.get("time_started")),
+                _short(attempt.get("reason")),
+            )
+        parts.append(table)
+    _console().print(Group(*parts))
+
+
+# --- errors ----------------------------------------------------------------
+
+
+@click.command("errors")
+@click.argument("run")
+@_redis_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def errors_command(run: str, redis_url: str | None, as_json: bool) -> None:
+    """Show RUN's shared errors, newest last."""
+    state = _load(run, _url(redis_url))
+    errors = [
+        {
+            "trial_id": e.trial_id,
+            "worker_id": e.worker_id,
+            "err_type": e.err_type,
+            "err": e.err,
+            "tb": e.tb,
+        }
+        for e in state.lock_and_get_errors().errs
+    ]
+    if as_json:
+        _echo_json(errors)
+        return
+    if not errors:
+        click.echo(f"Run '{run}': no shared errors.")
+        return
+    parts: list[Any] = [Text(f"Run '{run}': {len(errors)} shared errors")]
+    for error in errors:
+        parts.append(
+            Text(
+                f"trial {error['trial_id']} (worker {error['worker_id']}):"
+                f" {error['err_type']}: {error['err']}",
+                style="bold",
+            )
+        )
+        if error["tb"]:
+            parts.append(Text(error["tb"].rstrip(), style="dim"))
+    _console().print(Group(*parts))
+
+
+# --- workers ---------------------------------------------------------------
+
+
+def _worker_rows(state: RedisNePSState) -> list[dict[str, Any]]:
+    raw = decode_hash(state.client.hgetall(state.keys.worker_info))
+    current: dict[str, list[str]] = {}
+    for trial in state.lock_and_get_current_evaluating_trials():
+        worker_id = trial.metadata.evaluating_worker_id or ""
+        current.setdefault(worker_id, []).append(trial.id)
+    rows = []
+    for worker_id in state.worker_ids():
+        info = loads_json(raw[worker_id]) if worker_id in raw else {}
+        rows.append(
+            {
+                "worker_id": worker_id,
+                "host": info.get("host"),
+                "pid": info.get("pid"),
+                "started": info.get("started"),
+                "last_heartbeat": info.get("last_heartbeat"),
+                "evaluating": current.get(worker_id, []),
+            }
+        )
+    return rows
+
+
+@click.command("workers")
+@click.argument("run")
+@_redis_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def workers_command(run: str, redis_url: str | None, as_json: bool) -> None:
+    """Show RUN's workers: where they run, their last heartbeat (server
+    clock) and the trials they are evaluating."""
+    state = _load(run, _url(redis_url))
+    rows = _worker_rows(state)
+    if as_json:
+        _echo_json(rows)
+        return
+    now = time.time()
+    table = Table()
+    for name in ("worker id", "host", "pid", "started (UTC)", "heartbeat", "trial"):
+        table.add_column(name)
+    for row in rows:
+        beat = row["last_heartbeat"]
+        ago = f"{now - beat:.0f} s ago" if isinstance(beat, int | float) else "never"
+        table.add_row(
+            row["worker_id"],
+            _short(row["host"]),
+            _short(row["pid"]),
+            _when(row["started"]),
+            ago,
+            ", ".join(row["evaluating"]) or "-",
+        )
+    _console().print(Group(Text(f"Run '{run}': {len(rows)} workers"), table))
+
+
+# --- watch -----------------------------------------------------------------
+
+
+@dataclass
+class _View:
+    """What `watch` shows, updated from the event stream."""
+
+    run: str
+    budget: int | None
+    counts: dict[str, int]
+    started: float = field(default_factory=time.monotonic)
+    reported: int = 0
+    latest: deque[str] = field(default_factory=lambda: deque(maxlen=5))
+
+    @property
+    def finished(self) -> int:
+        busy = self.counts.get("pending", 0) + self.counts.get("evaluating", 0)
+        return sum(self.counts.values()) - busy
+
+    def render(self, *, rate: bool = True) -> Group:
+        minutes = max(time.monotonic() - self.started, 1e-9) / 60
+        progress = (
+            f"{self.finished} of {self.budget}"
+            f" ({100 * self.finished / self.budget:.0f} %)"
+            if self.budget
+            else str(self.finished)
+        )
+        counts = ", ".join(f"{k} {v}" for k, v in self.counts.items() if v)
+        lines = [
+            Text(f"Run '{self.run}': finished {progress}", style="bold"),
+            Text(f"trials: {counts or 'none'}"),
+            Text("latest results:" if self.latest else "no results yet"),
+            *(Text(f"  {line}") for line in self.latest),
+        ]
+        if rate:
+            lines.insert(
+                2, Text(f"throughput: {self.reported / minutes:.1f} reports a minute")
+            )
+        return Group(*lines)
+
+
+def _events(
+    client: Any, key: str, last_id: str, block_ms: int
+) -> Iterator[tuple[str, dict[str, str]]]:
+    reply = client.xread({key: last_id}, block=block_ms, count=100)
+    for _stream, entries in reply or []:
+        for entry_id, fields in entries:
+            eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+            yield eid, decode_hash(fields)
+
+
+def _result_line(state: RedisNePSState, trial_id: str, worker_id: str) -> str:
+    try:
+        trial = state.lock_and_get_trial_by_id(trial_id)
+    except NePSError:
+        return f"trial {trial_id}: removed"
+    return (
+        f"trial {trial_id} {trial.metadata.state.value}"
+        f" objective {_short(_objective(trial))} (worker {worker_id or '-'})"
+    )
+
+
+@click.command("watch")
+@click.argument("run")
+@_redis_option
+@click.option(
+    "--for",
+    "for_seconds",
+    type=click.FloatRange(min=0),
+    help="Stop after this many seconds [default: until Ctrl-C].",
+)
+@click.option("--once", is_flag=True, help="Print the view once and stop.")
+@click.option(
+    "--block",
+    "block_ms",
+    type=click.IntRange(min=10),
+    default=1000,
+    show_default=True,
+    help="How long one XREAD BLOCK waits for events (ms).",
+)
+def watch_command(
+    run: str,
+    redis_url: str | None,
+    for_seconds: float | None,
+    once: bool,
+    block_ms: int,
+) -> None:
+    """Follow RUN live from its event stream: progress toward the budget,
+    throughput and the latest results."""
+    url = _url(redis_url)
+    state = _load(run, url)
+    view = _View(
+        run=run,
+        budget=evaluation_budget(state.client, state.keys),
+        counts={k: int(v) for k, v in state.counts().items()},
+    )
+    # The latest results come first from the stream's recent past.
+    recent = state.client.xrevrange(state.keys.events, count=_RECENT_EVENTS)
+    for _, raw in reversed(recent):
+        event = decode_hash(raw)
+        if event.get("event") == "reported":
+            view.latest.append(
+                _result_line(
+                    state, event.get("trial_id", ""), event.get("worker_id", "")
+                )
+            )
+    console = _console()
+    if once:
+        console.print(view.render(rate=False))
+        return
+
+    # A blocked XREAD holds its connection for the whole block time; the
+    # shared client's socket timeout would cut it short and retry, so the
+    # watch has a client of its own that waits longer than it blocks.
+    watcher = client_from_url(url, socket_timeout=block_ms / 1000 + 10)
+    key = state.keys.events
+    newest = watcher.xrevrange(key, count=1)
+    last_id = newest[0][0].decode() if newest else "0-0"
+    deadline = None if for_seconds is None else time.monotonic() + for_seconds
+    live = console.is_terminal
+    try:
+        while deadline is None or time.monotonic() < deadline:
+            wait = block_ms
+            if deadline is not None:
+                wait = max(10, min(block_ms, int(1000 * (deadline - time.monotonic()))))
+            changed = False
+            for entry_id, event in _events(watcher, key, last_id, wait):
+                last_id = entry_id
+                changed = True
+                name = event.get("event", "")
+                if name == "reported":
+                    view.reported += 1
+                    view.latest.append(
+                        _result_line(
+                            state, event.get("trial_id", ""), event.get("worker_id", "")
+                        )
+                    )
+                if not live:
+                    # Piped output gets one line an event instead of redraws.
+                    console.print(
+                        f"{entry_id} {name} {event.get('trial_id', '')}"
+                        f" {event.get('worker_id', '')}".rstrip()
+                    )
+            if changed:
+                view.counts = {k: int(v) for k, v in state.counts().items()}
+                if live:
+                    console.clear()
+                    console.print(view.render())
+    except KeyboardInterrupt:
+        pass
+    finally:
+        watcher.close()
+    console.print(view.render())
+
+
+# --- reset, remove, delete -------------------------------------------------
+
+
+@click.command("reset")
+@click.argument("run")
+@click.argument("trial_id", metavar="TRIAL")
+@_redis_option
+def reset_command(run: str, trial_id: str, redis_url: str | None) -> None:
+    """Put one trial of RUN back to pending, dropping its report and its
+    shared errors; a worker evaluating it will have its report refused."""
+    state = _load(run, _url(redis_url))
+    state.lock_and_reset_trial_by_id(trial_id)
+    click.echo(f"Run '{run}': trial {trial_id} is pending again.")
+
+
+@click.command("remove")
+@click.argument("run")
+@click.argument("trial_id", metavar="TRIAL")
+@_redis_option
+def remove_command(run: str, trial_id: str, redis_url: str | None) -> None:
+    """Delete one trial of RUN and its shared errors."""
+    state = _load(run, _url(redis_url))
+    state.lock_and_remove_trial_by_id(trial_id)
+    click.echo(f"Run '{run}': trial {trial_id} removed.")
+
+
+@click.command("delete")
+@click.argument("run")
+@_redis_option
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def delete_command(run: str, redis_url: str | None, yes: bool) -> None:
+    """Delete RUN and every key of it, unless a worker is alive in it."""
+    url = _url(redis_url)
+    client = connect(url)
+    keys = RunKeys(run)
+    if not client.exists(keys.meta):
+        raise click.ClickException(f"Run '{run}' not found at {redact_url(url)}.")
+    trials = int(client.zcard(keys.trials))
+    if not yes:
+        click.confirm(
+            f"Delete run '{run}' ({trials} trials) at {redact_url(url)}?",
+            abort=True,
+        )
+
+    # The library logs a deletion as the start of a fresh run, a warning
+    # that would mislead here: this command reports the deletion itself.
+    state_logger = logging.getLogger("neps_redis.state")
+    level = state_logger.level
+    state_logger.setLevel(logging.ERROR)
+    try:
+        deleted = RedisNePSState.delete_run(
+            run, redis=client, worker_id="neps-redis delete"
+        )
+    finally:
+        state_logger.setLevel(level)
+    # The transition keeps the event stream as a record for a run that
+    # starts afresh; deleting the run means that record goes too. Replies
+    # kept for replays (request:<id>) expire on their own within seconds.
+    client.delete(keys.events)
+    click.echo(f"Run '{run}' deleted: {deleted} trials.")
+
+
+COMMANDS = (
+    runs_command,
+    trials_command,
+    show_command,
+    errors_command,
+    workers_command,
+    watch_command,
+    reset_command,
+    remove_command,
+    delete_command,
+)
