@@ -50,7 +50,6 @@ _IN_SCRIPTS = (
     "xadd",
     "xdel",
     "xrange",
-    "xrevrange",
     "zadd",
     "zcard",
     "zrange",
