@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any, overload
 
 from neps_redis import defaults
-from neps_redis.cache import TrialCache
 from neps_redis.codec import (
     METADATA_FIELDS,
     REPORT_FIELDS,
@@ -189,7 +188,6 @@ class RedisNePSState:
         self._space_fingerprint = space_fingerprint
         self._allow_pickle = allow_pickle
         self._pending_hint: list[str] = []
-        self._cache = TrialCache(client, self.keys)
 
         self.lease_seconds = defaults.lease_seconds()
         self.optimizer_lease_seconds = defaults.optimizer_lease_seconds()
@@ -557,14 +555,8 @@ class RedisNePSState:
         return trials
 
     def lock_and_read_trials(self) -> dict[str, Trial]:
-        """Every trial, in creation order.
-
-        Served from this process's copy of the run, brought up to date from
-        the event stream: the cost grows with the changes since the last
-        read, not with the run. The trials are shared between reads; change
-        a copy, not them.
-        """
-        return self._cache.read()
+        """Every trial, in creation order."""
+        return self._read_trials(self.all_trial_ids())
 
     def lock_and_get_trial_by_id(self, trial_id: str) -> Trial:
         """One trial.
@@ -1162,7 +1154,6 @@ class RedisNePSState:
         result is kept as a `late_report` event and LeaseLostError is raised.
         A copy without a token reports only a trial that nobody holds.
         """
-        self._cache.forget(trial.id)
         trial.report = report
         fields = trial_to_fields(trial)
         clear = [f for f in (*_OPTIONAL_FIELDS, *_LEASE_FIELDS) if f not in fields]
@@ -1243,7 +1234,6 @@ class RedisNePSState:
         set on `trial`, and its lease is renewed by this state's heartbeat.
         """
         del hints
-        self._cache.forget(trial.id)
         fields = trial_to_fields(trial)
         clear = [f for f in _OPTIONAL_FIELDS if f not in fields]
         evaluating = trial.metadata.state == State.EVALUATING
