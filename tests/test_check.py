@@ -6,6 +6,7 @@ expects exactly that violation.
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -175,6 +176,28 @@ def test_check_exits_1_naming_every_violation(state, r, redis_url):
     assert "violation: no_state_index: trial '4'" in result.output
     assert "violation: evaluating_without_lease: trial '3'" in result.output
     assert "2 violation(s)" in result.output
+
+
+def test_check_json_is_one_document_and_keeps_the_exit_codes(state, r, redis_url):
+    # When a sound run is checked for a script
+    sound = CliRunner().invoke(main, ["--redis", redis_url, "check", "run", "--json"])
+
+    # Then stdout is one JSON object saying so, and the exit code is 0
+    assert sound.exit_code == 0, sound.output
+    record = json.loads(sound.stdout)
+    assert record["ok"] is True and record["trials"] == 5
+    assert record["violations"] == [] and record["run"] == "run"
+
+    # And a broken one is exit code 1, with every violation in the document
+    r.zrem(KEYS.pending, "4")
+    broken = CliRunner().invoke(main, ["--redis", redis_url, "check", "run", "--json"])
+    assert broken.exit_code == 1
+    record = json.loads(broken.stdout)
+    assert record["ok"] is False
+    assert [(v["kind"], v["trial_id"]) for v in record["violations"]] == [
+        ("no_state_index", "4")
+    ]
+    assert "1 violation(s)" in broken.stderr
 
 
 def test_reap_requeues_expired_trials_and_says_what_became_of_each(state, r, redis_url):

@@ -537,6 +537,49 @@ def test_an_unknown_run_raises_run_not_found(redis_url, tmp_path):
     assert not (tmp_path / "export").exists()
 
 
+# --- progress --------------------------------------------------------------------
+
+
+def test_an_export_reports_its_progress_until_every_trial_is_written(mixed, tmp_path):
+    # When an export is given a progress callback
+    calls: list[tuple[str, int, int]] = []
+    export_run(mixed, tmp_path / "out", progress=lambda *call: calls.append(call))
+
+    # Then each step counts up to the run's 13 trials, in order, never past it
+    steps = [step for step, _, _ in calls]
+    assert steps == sorted(steps, key=["read", "encode", "write"].index)
+    for step in ("read", "encode", "write"):
+        done = [d for s, d, _ in calls if s == step]
+        assert done == sorted(done) and done[-1] == 13
+        assert {total for s, _, total in calls if s == step} == {13}
+
+
+def test_the_export_command_off_a_terminal_prints_its_line_and_no_progress(
+    mixed, redis_url, tmp_path
+):
+    # When the command runs with stdout and stderr not terminals (a script)
+    result = CliRunner().invoke(
+        export_command, ["mixed", str(tmp_path / "out"), "--redis", redis_url]
+    )
+
+    # Then stdout holds its one line and stderr nothing
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("Exported run 'mixed'")
+    assert len(result.stdout.strip().splitlines()) == 1
+    assert result.stderr == ""
+
+
+def test_the_export_command_with_quiet_prints_nothing(mixed, redis_url, tmp_path):
+    result = CliRunner().invoke(
+        export_command,
+        ["mixed", str(tmp_path / "out"), "--redis", redis_url, "--quiet"],
+    )
+
+    assert result.exit_code == 0, result.output
+    assert result.output == ""
+    assert (tmp_path / "out" / "optimizer_info.yaml").exists()
+
+
 # --- the command -----------------------------------------------------------------
 
 

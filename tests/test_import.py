@@ -378,9 +378,23 @@ def test_importing_into_a_run_that_exists_is_refused_and_writes_nothing(redis_ur
     import_run(SAMPLE, "moved", redis=redis_url)
     before = dump_keys(r)
 
-    with pytest.raises(RunExistsError, match="into_existing"):
+    with pytest.raises(RunExistsError, match="into_existing") as refused:
         import_run(SAMPLE, "moved", redis=redis_url)
     assert dump_keys(r) == before
+    # The library's caller passes a keyword, not the command's flag
+    assert "--into-existing" not in str(refused.value)
+
+
+def test_the_import_command_refusing_an_existing_run_names_its_own_flag(redis_url):
+    import_run(SAMPLE, "moved", redis=redis_url)
+
+    result = CliRunner().invoke(
+        import_command, [str(SAMPLE), "moved", "--redis", redis_url]
+    )
+
+    assert result.exit_code == 1
+    assert "--into-existing" in result.stderr
+    assert "into_existing=True" not in result.stderr
 
 
 def test_into_existing_adds_the_trials_and_keeps_the_run_s_optimizer_state(
@@ -523,6 +537,44 @@ def test_the_neps_sample_round_trips_to_the_same_text_files(redis_url, tmp_path)
         cache["1_rung_1"].report.objective_to_minimize
         == (report["objective_to_minimize"])
     )
+
+
+# --- progress ----------------------------------------------------------------------
+
+
+def test_an_import_reports_its_progress_until_every_trial_is_stored(redis_url):
+    # When an import is given a progress callback
+    calls: list[tuple[str, int, int]] = []
+    import_run(
+        SAMPLE, "moved", redis=redis_url, progress=lambda *call: calls.append(call)
+    )
+
+    # Then each step counts up to the directory's 4 trials, reading first
+    assert [c for c in calls if c[0] == "read"] == [
+        ("read", n, 4) for n in (1, 2, 3, 4)
+    ]
+    assert calls[-2:] == [("store", 0, 4), ("store", 4, 4)]
+
+
+def test_the_import_command_off_a_terminal_prints_no_progress(redis_url):
+    result = CliRunner().invoke(
+        import_command, [str(SAMPLE), "cli", "--redis", redis_url]
+    )
+
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""
+    assert "Reading trials" not in result.stdout
+    assert "━" not in result.stdout.split("\n", 1)[0]
+
+
+def test_the_import_command_with_quiet_prints_nothing(redis_url):
+    result = CliRunner().invoke(
+        import_command, [str(SAMPLE), "cli", "--redis", redis_url, "--quiet"]
+    )
+
+    assert result.exit_code == 0, result.output
+    assert result.output == ""
+    assert load(redis_url, "cli").lock_and_read_trials()
 
 
 # --- the command -------------------------------------------------------------------

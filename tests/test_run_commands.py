@@ -214,6 +214,29 @@ def test_watch_once_prints_the_progress_toward_the_budget(runner, redis_url, mix
     assert "finished 4 of 10 (40 %)" in result.stdout
 
 
+def test_watch_once_json_is_one_document_with_the_latest_results(
+    runner, redis_url, mixed_run
+):
+    result = invoke(runner, redis_url, "watch", "mixed", "--once", "--json")
+
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert record["run"] == "mixed" and record["server"] == redis_url
+    assert record["finished"] == 4 and record["evaluation_budget"] == 10
+    assert record["counts"]["success"] == 3
+    latest = {r["trial_id"]: r for r in record["latest_results"]}
+    assert latest["2"]["objective_to_minimize"] == 0.2
+    assert latest["2"]["worker_id"] == "b"
+    assert latest["3"]["objective_to_minimize"] == "nan"
+
+
+def test_watch_json_without_once_is_a_usage_error(runner, redis_url, mixed_run):
+    result = invoke(runner, redis_url, "watch", "mixed", "--json")
+
+    assert result.exit_code == 2
+    assert "--once" in result.stderr
+
+
 def test_watch_follows_the_results_reported_while_it_runs(runner, redis_url):
     # Given: a run whose trials are reported while the watch runs
     state = new_run(redis_url, "live")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -211,6 +212,31 @@ def test_status_prints_the_counts_the_best_config_and_the_workers(
     assert "units" in out
     assert "idle" in out
     assert "1 shared errors" in out
+
+
+def test_status_json_is_one_document_a_script_can_read(runner, redis_url, mixed_run):
+    result = runner.invoke(main, ["--redis", redis_url, "status", "mixed", "--json"])
+
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert record["run"] == "mixed"
+    assert record["counts"]["success"] == 3 and record["counts"]["crashed"] == 1
+    assert record["total"] == 6 and record["finished"] == 4
+    assert record["evaluation_budget"] == 10
+    assert record["best_trial_id"] == "2" and record["best_objective"] == 0.2
+    workers = {w["worker_id"]: w for w in record["workers"]}
+    assert workers["b"]["evaluated_total"] == 3
+    assert record["shared_errors"] == 1
+
+
+def test_status_json_of_an_unknown_run_exits_1_with_nothing_on_stdout(
+    runner, redis_url
+):
+    result = runner.invoke(main, ["--redis", redis_url, "status", "nope", "--json"])
+
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert "nope" in result.stderr
 
 
 def test_status_reads_the_url_from_the_environment(

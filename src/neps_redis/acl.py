@@ -50,6 +50,7 @@ _IN_SCRIPTS = (
     "xadd",
     "xdel",
     "xrange",
+    "xrevrange",
     "zadd",
     "zcard",
     "zrange",

@@ -8,6 +8,7 @@ goes through `redact_url`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import tempfile
@@ -18,9 +19,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 from rich.console import Console, Group
 from rich.table import Table
@@ -30,15 +29,16 @@ from neps_redis import __version__, defaults
 from neps_redis.check import inspect_run
 from neps_redis.cli_acl import acl_command
 from neps_redis.cli_export import _redis_option, export_command, import_command
-from neps_redis.cli_runs import COMMANDS as RUN_COMMANDS
-from neps_redis.connection import (
-    URL_ENV,
-    client_from_url,
-    redact_text,
-    redact_url,
-    resolve_url,
-    tls_failure,
+from neps_redis.cli_output import (
+    URL_META,
+    Column,
+    echo_json,
+    fitted_table,
+    plain_warnings,
+    readable,
 )
+from neps_redis.cli_runs import COMMANDS as RUN_COMMANDS
+from neps_redis.connection import URL_ENV, client_from_url, redact_url, resolve_url
 from neps_redis.demo import (
     DEFAULT_BUDGET,
     DEFAULT_SEED,
@@ -67,48 +67,24 @@ class _Settings:
     debug: bool
     url: str | None = None
 
-    def shown(self) -> str:
-        return redact_url(self.url) if self.url else "(no server chosen yet)"
-
-
-def _scrub(text: str, url: str | None) -> str:
-    """`text` without the password of `url`, wherever it might appear."""
-    return redact_text(text, url)
-
-
-def _readable(error: Exception, settings: _Settings) -> str:
-    tls = tls_failure(error, settings.shown())
-    if tls is not None:
-        message = tls
-    elif isinstance(error, RedisConnectionError | RedisTimeoutError):
-        message = (
-            f"Cannot reach the Redis server at {settings.shown()}:"
-            f" {str(error).rstrip('.')}."
-        )
-        if settings.shown() == defaults.FALLBACK_URL:
-            message += (
-                " Nothing is configured (no --redis, no NEPS_REDIS_URL) and your"
-                " embedded server is not running: start it with `neps-redis server"
-                " start` if your runs are there."
-            )
-    elif isinstance(error, RedisError):
-        message = f"The Redis server at {settings.shown()} refused: {error}"
-    else:
-        message = str(error)
-    return _scrub(message, settings.url or settings.redis_url)
-
 
 class _Cli(click.Group):
-    """Turns the errors a person can act on into one line and exit code 1."""
+    """Turns the errors a person can act on into one line and exit code 1,
+    and warnings into one ``warning:`` line each."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with plain_warnings():
+                return super().invoke(ctx)
         except (NePSError, RedisError) as error:
             settings = ctx.find_object(_Settings)
             if settings is None or settings.debug:
                 raise
-            raise click.ClickException(_readable(error, settings)) from None
+            # The URL the command settled on: its own --redis, else the
+            # group's, else the default order.
+            url = settings.url or ctx.meta.get(URL_META)
+            url = url or resolve_url(settings.redis_url)
+            raise click.ClickException(readable(error, url)) from None
 
 
 def _probe(url: str) -> None:
@@ -279,16 +255,35 @@ def demo(
 # --- status ----------------------------------------------------------------
 
 
+_json_option = click.option(
+    "--json", "as_json", is_flag=True, help="Print JSON for scripts."
+)
+
+
 @main.command()
 @_redis_here
 @click.argument("run")
+@_json_option
 @click.pass_obj
-def status(settings: _Settings, run: str) -> None:
+def status(settings: _Settings, run: str, as_json: bool) -> None:
     """Show RUN's trials by state, its best trial, and what each worker did."""
     settings.url = resolve_url(settings.redis_url)
     _probe(settings.url)
     state = RedisNePSState.create_or_load(run, redis=settings.url, load_only=True)
-    _print_summary(summarize(state))
+    summary = summarize(state)
+    if as_json:
+        echo_json(_summary_record(summary))
+        return
+    _print_summary(summary)
+
+
+def _summary_record(summary: RunSummary) -> dict[str, Any]:
+    record = dataclasses.asdict(summary)
+    record["server"] = redact_url(summary.server)
+    record["finished"] = summary.finished
+    for worker, shown in zip(summary.workers, record["workers"], strict=True):
+        shown["evaluated_total"] = worker.evaluated_total
+    return record
 
 
 def _heading(text: str) -> Text:
@@ -324,7 +319,7 @@ def _best(summary: RunSummary) -> list[Any]:
     return [heading, table]
 
 
-def _workers_table(summary: RunSummary) -> Table:
+def _workers_table(summary: RunSummary, console: Console) -> Table:
     states = [State.EVALUATING.value, State.SUCCESS.value]
     states += [
         s.value
@@ -332,19 +327,41 @@ def _workers_table(summary: RunSummary) -> Table:
         if s.value not in states
         and any(w.evaluated.get(s.value) for w in summary.workers)
     ]
-    table = Table()
-    table.add_column("worker id")
-    table.add_column("sampled", justify="right")
-    table.add_column("evaluated", justify="right")
-    for name in states:
-        table.add_column(name, justify="right")
-    for worker in summary.workers:
-        table.add_row(
+    columns = [
+        Column("worker id"),
+        Column("sampled", justify="right"),
+        Column("evaluated", justify="right"),
+        *(Column(name, justify="right") for name in states),
+    ]
+    rows = [
+        [
             worker.worker_id,
             str(worker.sampled),
             str(worker.evaluated_total),
             *(str(worker.evaluated.get(name, 0)) for name in states),
-        )
+        ]
+        for worker in summary.workers
+    ]
+    # Too narrow for a column a state: what each worker left, as text.
+    narrow = [
+        Column("worker id"),
+        Column("sampled", justify="right"),
+        Column("evaluated", justify="right"),
+        Column("evaluated trials by state"),
+    ]
+    narrow_rows = [
+        [
+            *row[:3],
+            ", ".join(
+                f"{name} {worker.evaluated[name]}"
+                for name in states
+                if worker.evaluated.get(name)
+            )
+            or "-",
+        ]
+        for row, worker in zip(rows, summary.workers, strict=True)
+    ]
+    table, _ = fitted_table(console, (columns, rows), (narrow, narrow_rows))
     return table
 
 
@@ -359,6 +376,7 @@ def _print_summary(summary: RunSummary) -> None:
             f" Cost used: {summary.cost_used:.6g} of {summary.cost_budget:.6g}"
             f" ({100 * summary.cost_used / summary.cost_budget:.0f} %)."
         )
+    console = Console(highlight=False)
     lines: list[Any] = [
         _heading(f"Run '{summary.run}' at {redact_url(summary.server)}"),
         _counts_table(summary),
@@ -370,12 +388,12 @@ def _print_summary(summary: RunSummary) -> None:
             f"Workers: {summary.registered_workers} registered,"
             f" {summary.shared_errors} shared errors"
         ),
-        _workers_table(summary),
+        _workers_table(summary, console),
     ]
     if summary.recent_errors:
         lines.append(_heading(f"Latest {len(summary.recent_errors)} shared errors"))
         lines += [Text(f"  {line}") for line in summary.recent_errors]
-    Console(highlight=False).print(Group(*lines))
+    console.print(Group(*lines))
 
 
 # --- check and reap --------------------------------------------------------
@@ -384,8 +402,9 @@ def _print_summary(summary: RunSummary) -> None:
 @main.command()
 @_redis_here
 @click.argument("run")
+@_json_option
 @click.pass_obj
-def check(settings: _Settings, run: str) -> None:
+def check(settings: _Settings, run: str, as_json: bool) -> None:
     """Check that RUN's keys agree with each other (indexes, counts, leases,
     sequence numbers, events); exit 1 naming every violation."""
     settings.url = resolve_url(settings.redis_url)
@@ -395,15 +414,28 @@ def check(settings: _Settings, run: str) -> None:
         result = inspect_run(client, run)
     finally:
         client.close()
-    for note in result.notes:
-        click.echo(f"note: {note}")
-    for violation in result.violations:
-        click.echo(f"violation: {violation}")
+    if as_json:
+        echo_json(
+            {
+                "run": run,
+                "server": redact_url(settings.url),
+                "ok": result.ok,
+                "trials": result.trials,
+                "violations": [dataclasses.asdict(v) for v in result.violations],
+                "notes": [dataclasses.asdict(n) for n in result.notes],
+            }
+        )
+    else:
+        for note in result.notes:
+            click.echo(f"note: {note}")
+        for violation in result.violations:
+            click.echo(f"violation: {violation}")
     if not result.ok:
         raise click.ClickException(
             f"Run '{run}': {len(result.violations)} violation(s) of its invariants."
         )
-    click.echo(f"Run '{run}': {result.trials} trials, no violations.")
+    if not as_json:
+        click.echo(f"Run '{run}': {result.trials} trials, no violations.")
 
 
 @main.command()

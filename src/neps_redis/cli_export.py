@@ -21,14 +21,9 @@ from redis.exceptions import RedisError
 from rich.console import Console
 from rich.table import Table
 
-from neps_redis.connection import (
-    URL_ENV,
-    redact_text,
-    redact_url,
-    resolve_url,
-    tls_failure,
-)
-from neps_redis.errors import NePSError
+from neps_redis.cli_output import URL_META, plain_warnings, progress_bar, readable
+from neps_redis.connection import URL_ENV, resolve_url
+from neps_redis.errors import NePSError, RunExistsError
 from neps_redis.export import (
     DEFAULT_KEEP,
     ExportResult,
@@ -58,21 +53,29 @@ def _url(redis_url: str | None) -> str:
         root = context.find_root()
         if not given and root is not context and root.params.get("redis_url"):
             redis_url = root.params["redis_url"]
-    return resolve_url(redis_url or None)
+    url = resolve_url(redis_url or None)
+    if context is not None:
+        context.meta[URL_META] = url
+    return url
 
 
 @contextmanager
 def _one_line_errors(url: str) -> Iterator[None]:
     try:
-        yield
+        with plain_warnings():
+            yield
     except NePSError as error:
         raise click.ClickException(str(error)) from None
     except RedisError as error:
-        where = redact_url(url)
-        message = (
-            tls_failure(error, where) or f"The Redis server at {where} failed: {error}"
-        )
-        raise click.ClickException(redact_text(message, url)) from None
+        raise click.ClickException(readable(error, url)) from None
+
+
+_quiet_option = click.option(
+    "--quiet",
+    "-q",
+    is_flag=True,
+    help="Print nothing but errors: no progress, no report.",
+)
 
 
 def _export_line(result: ExportResult) -> str:
@@ -109,6 +112,7 @@ def _export_line(result: ExportResult) -> str:
     is_flag=True,
     help="Also write pipeline_space.pkl, the run's stored pickle (copied unread).",
 )
+@_quiet_option
 @_redis_option
 def export_command(
     run: str,
@@ -117,22 +121,28 @@ def export_command(
     keep: int,
     force: bool,
     allow_pickle: bool,
+    quiet: bool,
     redis_url: str | None,
 ) -> None:
     """Write RUN as a NePS run directory at DIRECTORY.
 
     DIRECTORY becomes a symlink to a complete snapshot in
     DIRECTORY.snapshots/, switched atomically, so NePS's tools (neps.status,
-    load_config) can read it at any time.
+    load_config) can read it at any time. On a terminal, a one-shot export
+    shows its progress on stderr.
     """
     url = _url(redis_url)
-    console = Console(highlight=False)
+    # A line is not wrapped at the terminal's width: scripts read it whole.
+    console = Console(highlight=False, soft_wrap=True, quiet=quiet)
     with _one_line_errors(url):
         state = RedisNePSState.create_or_load(
             run, redis=url, load_only=True, allow_pickle=allow_pickle or None
         )
         if every is None:
-            result = export_run(state, directory, keep=keep, force=force)
+            with progress_bar(quiet=quiet) as progress:
+                result = export_run(
+                    state, directory, keep=keep, force=force, progress=progress
+                )
             console.print(f"Exported run '{run}': {_export_line(result)}")
             return
 
@@ -203,6 +213,7 @@ def _import_report(result: ImportResult, console: Console) -> None:
     help="Read optimizer_state.pkl (RNG, budget, worker ids) and keep"
     " pipeline_space.pkl. Unpickling runs code: only for directories you trust.",
 )
+@_quiet_option
 @_redis_option
 def import_command(
     directory: Path,
@@ -210,6 +221,7 @@ def import_command(
     into_existing: bool,
     skip_corrupt: bool,
     allow_pickle: bool,
+    quiet: bool,
     redis_url: str | None,
 ) -> None:
     """Load the NePS run directory DIRECTORY into RUN, all or nothing.
@@ -219,13 +231,20 @@ def import_command(
     with its name and line, and nothing is written.
     """
     url = _url(redis_url)
-    with _one_line_errors(url):
-        result = import_run(
-            directory,
-            run,
-            redis=url,
-            into_existing=into_existing,
-            skip_corrupt=skip_corrupt,
-            allow_pickle=allow_pickle,
-        )
-    _import_report(result, Console(highlight=False))
+    with _one_line_errors(url), progress_bar(quiet=quiet) as progress:
+        try:
+            result = import_run(
+                directory,
+                run,
+                redis=url,
+                into_existing=into_existing,
+                skip_corrupt=skip_corrupt,
+                allow_pickle=allow_pickle,
+                progress=progress,
+            )
+        except RunExistsError:
+            raise click.ClickException(
+                f"Run '{run}' exists already; import into a new run name, or pass"
+                " --into-existing to add the directory's trials to it."
+            ) from None
+    _import_report(result, Console(highlight=False, soft_wrap=True, quiet=quiet))

@@ -30,6 +30,14 @@ from rich.table import Table
 from rich.text import Text
 
 from neps_redis.cli_export import _redis_option, _url
+from neps_redis.cli_output import (
+    Column,
+    Layout,
+    echo_json,
+    fitted_table,
+    left_out_note,
+    plain,
+)
 from neps_redis.codec import decode_hash, json_to_budget, loads_json
 from neps_redis.connection import client_from_url, connect, redact_url
 from neps_redis.errors import NePSError
@@ -50,26 +58,6 @@ _STATES = [s.value for s in State]
 
 def _console() -> Console:
     return Console(highlight=False, soft_wrap=False)
-
-
-def _plain(value: Any) -> Any:
-    """`value` as strict JSON allows it: NaN and infinities become strings,
-    anything unknown its text."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    if hasattr(value, "item"):  # numpy scalars
-        return _plain(value.item())
-    return str(value)
-
-
-def _echo_json(value: Any) -> None:
-    click.echo(json.dumps(_plain(value), indent=2))
 
 
 def _when(seconds: Any) -> str:
@@ -154,29 +142,58 @@ def runs_command(redis_url: str | None, as_json: bool) -> None:
     rows = [_run_row(client, run) for run in run_names(client)]
 
     if as_json:
-        _echo_json(rows)
+        echo_json(rows)
         return
     if not rows:
         click.echo(f"No runs at {redact_url(url)}.")
         return
     # A state no run has a trial in would only take room from the names.
     states = [s for s in _STATES if any(row["counts"][s] for row in rows)]
-    table = Table()
-    table.add_column("run", no_wrap=True)
-    for name in states:
-        table.add_column(name, justify="right")
-    table.add_column("total", justify="right")
-    table.add_column("budget", justify="right")
-    table.add_column("workers", justify="right")
-    for row in rows:
-        table.add_row(
+    columns = [
+        Column("run"),
+        *(Column(name, justify="right") for name in states),
+        Column("total", justify="right"),
+        Column("budget", drop_order=2, justify="right"),
+        Column("workers", drop_order=1, justify="right"),
+    ]
+    cells = [
+        [
             row["run"],
             *(str(row["counts"][s]) for s in states),
             str(row["total"]),
             _short(row["evaluation_budget"]),
             str(row["workers"]),
-        )
-    _console().print(table)
+        ]
+        for row in rows
+    ]
+    # Too narrow for a column a state: the counts as one line of text.
+    narrow = [
+        Column("run"),
+        Column("trials"),
+        Column("total", justify="right"),
+        Column("budget", drop_order=2, justify="right"),
+        Column("workers", drop_order=1, justify="right"),
+    ]
+    narrow_cells = [
+        [
+            row["run"],
+            ", ".join(f"{s} {row['counts'][s]}" for s in states if row["counts"][s]),
+            *cells[index][-3:],
+        ]
+        for index, row in enumerate(rows)
+    ]
+    _print_table((columns, cells), (narrow, narrow_cells))
+
+
+def _print_table(*layouts: Layout, heading: str | None = None) -> None:
+    """A table that fits the terminal, under an optional heading line."""
+    console = _console()
+    table, left_out = fitted_table(console, *layouts)
+    parts: list[Any] = [Text(heading)] if heading is not None else []
+    parts.append(table)
+    if left_out:
+        parts.append(Text(left_out_note(left_out), style="dim"))
+    console.print(Group(*parts))
 
 
 # --- trials ----------------------------------------------------------------
@@ -278,7 +295,7 @@ def trials_command(
     rows = [_trial_row(t) for t in trials[:limit]]
 
     if as_json:
-        _echo_json(rows)
+        echo_json(rows)
     elif as_csv:
         _write_csv(rows)
     else:
@@ -312,7 +329,7 @@ def _trial_row_columns() -> list[str]:
 
 
 def _csv_cell(value: Any) -> str:
-    value = _plain(value)
+    value = plain(value)
     if value is None:
         return ""
     if isinstance(value, list | dict):
@@ -323,28 +340,33 @@ def _csv_cell(value: Any) -> str:
 def _print_trials(
     run: str, rows: list[dict[str, Any]], *, shown: int, matching: int
 ) -> None:
-    table = Table()
-    table.add_column("id", no_wrap=True)
-    table.add_column("state")
-    table.add_column("objective", justify="right")
-    table.add_column("cost", justify="right")
-    table.add_column("sampler")
-    table.add_column("evaluator")
-    table.add_column("sampled (UTC)", no_wrap=True)
-    table.add_column("seconds", justify="right")
-    for row in rows:
-        table.add_row(
+    # On a narrow terminal the sampler goes first (usually the evaluator
+    # too), the id, state and objective never.
+    columns = [
+        Column("id"),
+        Column("state"),
+        Column("objective", justify="right"),
+        Column("cost", drop_order=2, justify="right"),
+        Column("sampler", drop_order=1),
+        Column("evaluator", drop_order=5),
+        Column("sampled (UTC)", drop_order=3),
+        Column("seconds", drop_order=4, justify="right"),
+    ]
+    cells = [
+        [
             row["id"],
             row["state"],
             _short(row["objective_to_minimize"]),
             _short(row["cost"]),
-            row["sampling_worker_id"],
+            _short(row["sampling_worker_id"]),
             _short(row["evaluating_worker_id"]),
             _when_short(row["time_sampled"]),
             _short(row["evaluation_duration"]),
-        )
+        ]
+        for row in rows
+    ]
     more = f" (first {shown} of {matching})" if shown < matching else ""
-    _console().print(Group(Text(f"Run '{run}': {matching} trials{more}"), table))
+    _print_table((columns, cells), heading=f"Run '{run}': {matching} trials{more}")
 
 
 # --- show ------------------------------------------------------------------
@@ -387,7 +409,7 @@ def show_command(run: str, trial_id: str, redis_url: str | None, as_json: bool) 
     }
     record["metadata"]["state"] = trial.metadata.state.value
     if as_json:
-        _echo_json(record)
+        echo_json(record)
         return
     _print_trial(record)
 
@@ -451,7 +473,7 @@ def errors_command(run: str, redis_url: str | None, as_json: bool) -> None:
         for e in state.lock_and_get_errors().errs
     ]
     if as_json:
-        _echo_json(errors)
+        echo_json(errors)
         return
     if not errors:
         click.echo(f"Run '{run}': no shared errors.")
@@ -505,24 +527,32 @@ def workers_command(run: str, redis_url: str | None, as_json: bool) -> None:
     state = _load(run, _url(redis_url))
     rows = _worker_rows(state)
     if as_json:
-        _echo_json(rows)
+        echo_json(rows)
         return
     now = time.time()
-    table = Table()
-    for name in ("worker id", "host", "pid", "started (UTC)", "heartbeat", "trial"):
-        table.add_column(name)
+    columns = [
+        Column("worker id"),
+        Column("host", drop_order=3),
+        Column("pid", drop_order=2),
+        Column("started (UTC)", drop_order=1),
+        Column("heartbeat"),
+        Column("trial"),
+    ]
+    cells = []
     for row in rows:
         beat = row["last_heartbeat"]
         ago = f"{now - beat:.0f} s ago" if isinstance(beat, int | float) else "never"
-        table.add_row(
-            row["worker_id"],
-            _short(row["host"]),
-            _short(row["pid"]),
-            _when(row["started"]),
-            ago,
-            ", ".join(row["evaluating"]) or "-",
+        cells.append(
+            [
+                row["worker_id"],
+                _short(row["host"]),
+                _short(row["pid"]),
+                _when(row["started"]),
+                ago,
+                ", ".join(row["evaluating"]) or "-",
+            ]
         )
-    _console().print(Group(Text(f"Run '{run}': {len(rows)} workers"), table))
+    _print_table((columns, cells), heading=f"Run '{run}': {len(rows)} workers")
 
 
 # --- watch -----------------------------------------------------------------
@@ -533,11 +563,12 @@ class _View:
     """What `watch` shows, updated from the event stream."""
 
     run: str
+    server: str  # never holds a password
     budget: int | None
     counts: dict[str, int]
     started: float = field(default_factory=time.monotonic)
     reported: int = 0
-    latest: deque[str] = field(default_factory=lambda: deque(maxlen=5))
+    latest: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=5))
 
     @property
     def finished(self) -> int:
@@ -557,13 +588,23 @@ class _View:
             Text(f"Run '{self.run}': finished {progress}", style="bold"),
             Text(f"trials: {counts or 'none'}"),
             Text("latest results:" if self.latest else "no results yet"),
-            *(Text(f"  {line}") for line in self.latest),
+            *(Text(f"  {_result_line(result)}") for result in self.latest),
         ]
         if rate:
             lines.insert(
                 2, Text(f"throughput: {self.reported / minutes:.1f} reports a minute")
             )
         return Group(*lines)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "run": self.run,
+            "server": self.server,
+            "evaluation_budget": self.budget,
+            "finished": self.finished,
+            "counts": self.counts,
+            "latest_results": list(self.latest),
+        }
 
 
 def _events(
@@ -576,14 +617,27 @@ def _events(
             yield eid, decode_hash(fields)
 
 
-def _result_line(state: RedisNePSState, trial_id: str, worker_id: str) -> str:
+def _result(state: RedisNePSState, trial_id: str, worker_id: str) -> dict[str, Any]:
+    """A reported trial as it is now (its state, if it was removed since)."""
     try:
         trial = state.lock_and_get_trial_by_id(trial_id)
     except NePSError:
-        return f"trial {trial_id}: removed"
+        return {"trial_id": trial_id, "state": "removed", "worker_id": worker_id}
+    return {
+        "trial_id": trial_id,
+        "state": trial.metadata.state.value,
+        "objective_to_minimize": _objective(trial),
+        "worker_id": worker_id or None,
+    }
+
+
+def _result_line(result: dict[str, Any]) -> str:
+    if result["state"] == "removed":
+        return f"trial {result['trial_id']}: removed"
     return (
-        f"trial {trial_id} {trial.metadata.state.value}"
-        f" objective {_short(_objective(trial))} (worker {worker_id or '-'})"
+        f"trial {result['trial_id']} {result['state']}"
+        f" objective {_short(result['objective_to_minimize'])}"
+        f" (worker {result['worker_id'] or '-'})"
     )
 
 
@@ -598,6 +652,9 @@ def _result_line(state: RedisNePSState, trial_id: str, worker_id: str) -> str:
 )
 @click.option("--once", is_flag=True, help="Print the view once and stop.")
 @click.option(
+    "--json", "as_json", is_flag=True, help="With --once: print JSON for scripts."
+)
+@click.option(
     "--block",
     "block_ms",
     type=click.IntRange(min=10),
@@ -610,14 +667,18 @@ def watch_command(
     redis_url: str | None,
     for_seconds: float | None,
     once: bool,
+    as_json: bool,
     block_ms: int,
 ) -> None:
     """Follow RUN live from its event stream: progress toward the budget,
     throughput and the latest results."""
+    if as_json and not once:
+        raise click.UsageError("--json needs --once: a live view is not one document.")
     url = _url(redis_url)
     state = _load(run, url)
     view = _View(
         run=run,
+        server=redact_url(url),
         budget=evaluation_budget(state.client, state.keys),
         counts={k: int(v) for k, v in state.counts().items()},
     )
@@ -627,11 +688,12 @@ def watch_command(
         event = decode_hash(raw)
         if event.get("event") == "reported":
             view.latest.append(
-                _result_line(
-                    state, event.get("trial_id", ""), event.get("worker_id", "")
-                )
+                _result(state, event.get("trial_id", ""), event.get("worker_id", ""))
             )
     console = _console()
+    if as_json:
+        echo_json(view.as_json())
+        return
     if once:
         console.print(view.render(rate=False))
         return
@@ -658,7 +720,7 @@ def watch_command(
                 if name == "reported":
                     view.reported += 1
                     view.latest.append(
-                        _result_line(
+                        _result(
                             state, event.get("trial_id", ""), event.get("worker_id", "")
                         )
                     )

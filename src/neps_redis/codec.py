@@ -60,6 +60,8 @@ logger = logging.getLogger(__name__)
 _SPECIAL_FLOATS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 _TAGS = ("$float", "$tuple", "$np", "$ndarray", "$bytes", "$dict", "$bigint", "$torch")
 _MSGPACK_INT_RANGE = (-(2**63), 2**64 - 1)
+# Values that are their own tagged form.
+_PLAIN = {int, float, str, bool, type(None)}
 
 
 # --- the tagged form -------------------------------------------------------
@@ -90,16 +92,9 @@ def to_tagged(value: Any, where: str, *, binary: bool = False) -> Any:
             return {"$bytes": value}
         return {"$bytes": base64.b64encode(value).decode("ascii")}
     if type(value) is tuple:
-        return {
-            "$tuple": [
-                to_tagged(v, f"{where}[{i}]", binary=binary)
-                for i, v in enumerate(value)
-            ]
-        }
+        return {"$tuple": _tag_sequence(value, where, binary=binary)}
     if type(value) is list:
-        return [
-            to_tagged(v, f"{where}[{i}]", binary=binary) for i, v in enumerate(value)
-        ]
+        return _tag_sequence(value, where, binary=binary)
     if isinstance(value, Mapping):
         return _tag_mapping(value, where, binary=binary)
     if _is_torch_tensor(value):
@@ -110,6 +105,19 @@ def to_tagged(value: Any, where: str, *, binary: bool = False) -> Any:
         " Use numbers, strings, bools, None, lists, tuples, dicts, bytes or numpy"
         " values."
     )
+
+
+def _tag_sequence(value: list | tuple, where: str, *, binary: bool) -> list:
+    # Fast path for the common all-int or all-str sequence (an RNG state
+    # holds 625 ints): nothing in it needs a tag.
+    kinds = set(map(type, value))
+    if kinds == {str} or (
+        kinds == {int}
+        and not (binary and not _MSGPACK_INT_RANGE[0] <= min(value))
+        and not (binary and not max(value) <= _MSGPACK_INT_RANGE[1])
+    ):
+        return list(value)
+    return [to_tagged(v, f"{where}[{i}]", binary=binary) for i, v in enumerate(value)]
 
 
 def _tag_mapping(value: Mapping, where: str, *, binary: bool) -> Any:
@@ -172,6 +180,8 @@ def _tag_torch(value: Any, where: str, *, binary: bool) -> Any:
 def from_tagged(value: Any) -> Any:
     """The inverse of `to_tagged`."""
     if isinstance(value, list):
+        if set(map(type, value)) <= _PLAIN:
+            return value
         return [from_tagged(v) for v in value]
     if not isinstance(value, dict):
         return value
@@ -186,7 +196,7 @@ def _untag(tag: str, inner: Any) -> Any:
     if tag == "$float":
         return _SPECIAL_FLOATS[inner]
     if tag == "$tuple":
-        return tuple(from_tagged(v) for v in inner)
+        return tuple(from_tagged(inner))
     if tag == "$bigint":
         return int(inner)
     if tag == "$bytes":

@@ -92,6 +92,11 @@ _READ_ATTEMPTS = 8
 _TRIAL_CACHE = f"{neps_files.CONFIGS_DIR}/{neps_files.TRIAL_CACHE_FILE}"
 _SUMMARY = neps_summary.SUMMARY_FILES
 
+# `progress(step, done, total)`: `done` of the `total` trials have passed
+# `step` ("read", "encode" and "write" in an export; "read" and "store" in
+# an import). Called often; keep it cheap.
+ProgressCallback = Callable[[str, int, int], None]
+
 _SNAPSHOT_NAME = re.compile(r"^\d{8}T\d{6}\.\d{6}Z-(\d+|replaced)$")
 _LOCATION = re.compile(r"(?:^|/)(configs/config_[^/]+)/?$")
 
@@ -166,13 +171,13 @@ class _RunReader:
         self._position: str | None = None
         self._created: str | None = None
 
-    def read(self) -> _RunView:
+    def read(self, progress: ProgressCallback | None = None) -> _RunView:
         """The run as it is now; raises RunNotFoundError if it is gone."""
         while True:
             pending = None if self._position is None else self._catch_up()
             full = pending is None
             if pending is None:
-                self._bulk_read()
+                self._bulk_read(progress)
                 pending = set()
             view = self._settle(pending, full=full)
             if view is not None:
@@ -223,7 +228,7 @@ class _RunReader:
             return None
         return _event_trial_ids(entries)
 
-    def _bulk_read(self) -> None:
+    def _bulk_read(self, progress: ProgressCallback | None) -> None:
         """Every trial, in chunks; trials that change meanwhile show up in
         the events after the position taken first."""
         keys = self._keys
@@ -247,6 +252,8 @@ class _RunReader:
             for trial_id, raw in zip(chunk, pipe.execute(), strict=True):
                 if raw:
                     self._raw[trial_id] = _exported_fields(raw)
+            if progress is not None:
+                progress("read", start + len(chunk), len(ids))
 
     def _transaction(
         self, pending: set[str], *, full: bool
@@ -608,12 +615,17 @@ class Exporter:
         return ()
 
     def export(
-        self, state: RedisNePSState, *, previous: Path | None = None
+        self,
+        state: RedisNePSState,
+        *,
+        previous: Path | None = None,
+        progress: ProgressCallback | None = None,
     ) -> ExportResult:
         """Write a new snapshot of `state`'s run and switch DIR to it.
 
         `previous` names a snapshot to hard-link unchanged files from
-        (default: the one DIR points to).
+        (default: the one DIR points to); `progress` hears of each step's
+        trials (see `ProgressCallback`).
         """
         started = time.perf_counter()
         with_space = allows_pickle(state)
@@ -621,10 +633,10 @@ class Exporter:
             self._reader = _RunReader(state, with_space=with_space)
             self._run = (state.run, state.server)
             self._trials, self._globals, self._last_snapshot = {}, {}, None
-        view = self._reader.read()
+        view = self._reader.read(progress)
         read_done = time.perf_counter()
 
-        trials, encoded = self._encode_trials(view)
+        trials, encoded = self._encode_trials(view, progress)
         unchanged = encoded == 0 and [t.trial.id for t in trials] == list(self._trials)
         global_files = self._global_files(view, trials, unchanged=unchanged)
         encode_done = time.perf_counter()
@@ -637,7 +649,9 @@ class Exporter:
         snapshot = _new_snapshot(snapshots_dir(self.directory))
         try:
             writer = _SnapshotWriter(snapshot, source)
-            self._write_snapshot(writer, trials, global_files, known=known)
+            self._write_snapshot(
+                writer, trials, global_files, known=known, progress=progress
+            )
             _swap(self.directory, snapshot)
         except BaseException:
             shutil.rmtree(snapshot, ignore_errors=True)
@@ -682,7 +696,9 @@ class Exporter:
         )
         return result
 
-    def _encode_trials(self, view: _RunView) -> tuple[list[_EncodedTrial], int]:
+    def _encode_trials(
+        self, view: _RunView, progress: ProgressCallback | None
+    ) -> tuple[list[_EncodedTrial], int]:
         trials = []
         encoded = 0
         for trial_id in view.ids:
@@ -690,9 +706,11 @@ class Exporter:
             old = self._trials.get(trial_id)
             if old is not None and old.raw == raw:
                 trials.append(old)
-                continue
-            trials.append(_encode_trial(raw, self.directory))
-            encoded += 1
+            else:
+                trials.append(_encode_trial(raw, self.directory))
+                encoded += 1
+            if progress is not None:
+                progress("encode", len(trials), len(view.ids))
         return trials, encoded
 
     def _global_files(
@@ -740,6 +758,7 @@ class Exporter:
         global_files: dict[str, bytes],
         *,
         known: bool,
+        progress: ProgressCallback | None,
     ) -> None:
         snapshot = writer.snapshot
         (snapshot / neps_files.CONFIGS_DIR).mkdir()
@@ -748,7 +767,7 @@ class Exporter:
             same = (self._globals.get(name) == data) if known else None
             writer.place(name, data, same)
 
-        for encoded in trials:
+        for done, encoded in enumerate(trials, start=1):
             folder = (
                 f"{neps_files.CONFIGS_DIR}/{neps_files.CONFIG_PREFIX}{encoded.trial.id}"
             )
@@ -762,6 +781,8 @@ class Exporter:
                 else:
                     same = old.files.get(name) == data
                 writer.place(f"{folder}/{name}", data, same)
+            if progress is not None:
+                progress("write", done, len(trials))
 
 
 def export_run(
@@ -771,6 +792,7 @@ def export_run(
     previous: Path | None = None,
     keep: int = DEFAULT_KEEP,
     force: bool = False,
+    progress: ProgressCallback | None = None,
 ) -> ExportResult:
     """Export `state`'s run to `directory` as NePS 0.17 lays a run out.
 
@@ -789,12 +811,16 @@ def export_run(
     is made durable (the directory is fsynced), not each file: after a
     power loss the newest snapshot may be incomplete; export again.
 
+    `progress`, if given, is called as ``progress(step, done, total)`` while
+    the trials are read, encoded and written (see `ProgressCallback`).
+
     Raises:
         NePSError: `directory` exists and is not an export (unless `force`,
             which replaces it).
         RunNotFoundError: The run does not exist.
     """
-    return Exporter(directory, keep=keep, force=force).export(state, previous=previous)
+    exporter = Exporter(directory, keep=keep, force=force)
+    return exporter.export(state, previous=previous, progress=progress)
 
 
 def export_periodically(
@@ -998,9 +1024,14 @@ def _creation_order(trial: Trial) -> tuple[Any, ...]:
 
 
 def read_run_directory(
-    directory: str | Path, *, skip_corrupt: bool = False, allow_pickle: bool = False
+    directory: str | Path,
+    *,
+    skip_corrupt: bool = False,
+    allow_pickle: bool = False,
+    progress: ProgressCallback | None = None,
 ) -> RunDirectory:
-    """Everything `import_run` stores, read from a NePS run directory.
+    """Everything `import_run` stores, read from a NePS run directory;
+    `progress` hears of each ``config_<id>`` folder read ("read" step).
 
     Raises:
         CorruptRunError: A file cannot be read as NePS wrote it (unless
@@ -1059,17 +1090,20 @@ def read_run_directory(
 
     trials: list[Trial] = []
     configs = root / neps_files.CONFIGS_DIR
+    folders = []
     if configs.is_dir():
-        for folder in sorted(configs.iterdir(), key=lambda p: _natural(p.name)):
-            if (
-                not folder.name.startswith(neps_files.CONFIG_PREFIX)
-                or not folder.is_dir()
-            ):
-                continue
-            try:
-                trials.append(_read_trial(folder, root))
-            except CorruptRunError as error:
-                collector.corrupt(error)
+        folders = [
+            folder
+            for folder in sorted(configs.iterdir(), key=lambda p: _natural(p.name))
+            if folder.name.startswith(neps_files.CONFIG_PREFIX) and folder.is_dir()
+        ]
+    for done, folder in enumerate(folders, start=1):
+        try:
+            trials.append(_read_trial(folder, root))
+        except CorruptRunError as error:
+            collector.corrupt(error)
+        if progress is not None:
+            progress("read", done, len(folders))
     trials.sort(key=_creation_order)
 
     errors: list[SerializableTrialError] = []
@@ -1131,6 +1165,7 @@ def import_run(
     into_existing: bool = False,
     skip_corrupt: bool = False,
     allow_pickle: bool = False,
+    progress: ProgressCallback | None = None,
 ) -> ImportResult:
     """Store the NePS run in `directory` as run `state_or_run` in Redis.
 
@@ -1158,6 +1193,8 @@ def import_run(
         skip_corrupt: Import everything readable and list what was skipped
             (file, line, reason) instead of raising.
         allow_pickle: Read optimizer_state.pkl, and store pipeline_space.pkl.
+        progress: Called as ``progress(step, done, total)``: "read" for each
+            trial folder read, "store" once the one script has stored them.
 
     Raises:
         CorruptRunError: A file cannot be read as NePS wrote it.
@@ -1167,7 +1204,7 @@ def import_run(
     """
     root = Path(directory)
     parsed = read_run_directory(
-        root, skip_corrupt=skip_corrupt, allow_pickle=allow_pickle
+        root, skip_corrupt=skip_corrupt, allow_pickle=allow_pickle, progress=progress
     )
 
     if isinstance(state_or_run, RedisNePSState):
@@ -1183,8 +1220,7 @@ def import_run(
     if mode == "new" and stored_info is not None:
         raise RunExistsError(
             f"Run '{run}' exists already; import into a new run name, or pass"
-            " into_existing=True (--into-existing) to add the directory's trials"
-            " to it."
+            " into_existing=True to add the directory's trials to it."
         )
     if mode == "existing":
         if stored_info is None:
@@ -1237,6 +1273,8 @@ def import_run(
         fields = error_to_fields(err)
         error_args += [2 * len(fields), *_flatten(fields)]
 
+    if progress is not None:
+        progress("store", 0, len(parsed.trials))
     Scripts(client).run(
         "import_run",
         [
@@ -1283,6 +1321,9 @@ def import_run(
             *trial_args,
         ],
     )
+
+    if progress is not None:
+        progress("store", len(parsed.trials), len(parsed.trials))
 
     counts: dict[str, int] = {}
     for trial in parsed.trials:

@@ -9,6 +9,7 @@ nothing imports `neps`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import random
 from collections.abc import Mapping
@@ -331,6 +332,17 @@ class BudgetInfo:
         return replace(self)
 
 
+@functools.cache
+def _torch() -> Any:
+    """The torch module, or None where it cannot be imported; asked once,
+    since a failed import searches every path again each time."""
+    try:
+        import torch
+    except Exception:
+        return None
+    return torch
+
+
 @dataclass
 class SeedSnapshot:
     """The global random number generators' states (random, numpy, torch)."""
@@ -355,9 +367,10 @@ class SeedSnapshot:
 
         # torch is optional; without it (or with a broken install) there is
         # simply no torch state to keep.
+        torch = _torch()
+        if torch is None:
+            return
         with contextlib.suppress(Exception):
-            import torch
-
             self.torch_rng = torch.random.get_rng_state().clone()
             self.torch_cuda_rng = (
                 [s.clone() for s in torch.cuda.get_rng_state_all()]

@@ -625,6 +625,7 @@ class RedisBackedNePSState(NePSState):
         self._trial_lock = AtomicLock()
         self._err_lock = AtomicLock()
         self._trial_repo = RedisTrialRepo(self)
+        self._converted: dict[str, tuple[Trial, NepsTrial]] = {}
         self._optimizer_info = to_neps_optimizer_info(
             redis.lock_and_get_optimizer_info()
         )
@@ -698,7 +699,24 @@ class RedisBackedNePSState(NePSState):
         self._hidden_previous.pop(trial_id, None)
 
     def _to_neps_trials(self, trials: Mapping[str, Trial]) -> dict[str, NepsTrial]:
-        return {trial_id: self.to_neps(t) for trial_id, t in trials.items()}
+        """NePS's trials for ours. A read-all returns the very objects of the
+        last one for the trials that did not change, and so is each's
+        conversion reused: converting costs with the changes, not the run."""
+        done = self._converted
+        converted: dict[str, tuple[Trial, NepsTrial]] = {}
+        out: dict[str, NepsTrial] = {}
+        for trial_id, trial in trials.items():
+            known = done.get(trial_id)
+            if known is not None and known[0] is trial:
+                if trial.token is not None:
+                    self._read_tokens[trial_id] = trial.token
+                neps_trial = known[1]
+            else:
+                neps_trial = self.to_neps(trial)
+            converted[trial_id] = (trial, neps_trial)
+            out[trial_id] = neps_trial
+        self._converted = converted
+        return out
 
     def _hand_out(self, trial: Trial) -> NepsTrial:
         """The NePS trial a worker of this machine evaluates.

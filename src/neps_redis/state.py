@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, overload
 
 from neps_redis import defaults
+from neps_redis.cache import TrialCache, TrialsView
 from neps_redis.codec import (
     METADATA_FIELDS,
     REPORT_FIELDS,
@@ -188,6 +189,7 @@ class RedisNePSState:
         self._space_fingerprint = space_fingerprint
         self._allow_pickle = allow_pickle
         self._pending_hint: list[str] = []
+        self._cache = TrialCache(client, self.keys)
 
         self.lease_seconds = defaults.lease_seconds()
         self.optimizer_lease_seconds = defaults.optimizer_lease_seconds()
@@ -554,9 +556,16 @@ class RedisNePSState:
                     trials[trial_id] = fields_to_trial(decode_hash(raw))
         return trials
 
-    def lock_and_read_trials(self) -> dict[str, Trial]:
-        """Every trial, in creation order."""
-        return self._read_trials(self.all_trial_ids())
+    def lock_and_read_trials(self) -> TrialsView:
+        """Every trial, by id in creation order, as a read-only mapping.
+
+        Served from this process's copy of the run, brought up to date from
+        the event stream: the cost grows with the changes since the last
+        read, not with the run. A later read never changes what an earlier
+        one returned, but the trials themselves are shared between reads:
+        change a copy (`copy.deepcopy`), not them. `.copy()` gives a dict.
+        """
+        return self._cache.read()
 
     def lock_and_get_trial_by_id(self, trial_id: str) -> Trial:
         """One trial.
@@ -628,7 +637,11 @@ class RedisNePSState:
         pipe = self._client.pipeline(transaction=False)
         pipe.hgetall(self.keys.optimizer_state)
         pipe.zrange(self.keys.workers, 0, -1)
-        raw, workers = pipe.execute()
+        return self._optimizer_state_from(*pipe.execute())
+
+    def _optimizer_state_from(
+        self, raw: Any, workers: list[bytes]
+    ) -> OptimizationState:
         if not raw:
             raise RunNotFoundError(f"Run '{self.run}' has no optimizer state.")
         worker_ids = [w.decode() for w in workers] or None
@@ -697,8 +710,38 @@ class RedisNePSState:
                     f" {self.optimizer_wait_seconds:.0f} s."
                 )
             time.sleep(pause)
-            pause = min(pause * 1.5, 0.05)
+            pause = min(pause * 1.5, 0.02)
         return token
+
+    def _lease_and_read(self) -> tuple[str, TrialsView, OptimizationState]:
+        """Take the run's optimizer lease, waiting for it, and read the trials
+        and the optimizer state under it; the lease and the reads share their
+        first round trip. Returns the lease's token and what was read."""
+        token = secrets.token_hex(16)
+        ttl_ms = int(self.optimizer_lease_seconds * 1000)
+        deadline = time.monotonic() + self.optimizer_wait_seconds
+        keys = self.keys
+
+        def take_and_read(pipe: Any) -> None:
+            pipe.set(keys.optimizer_lease, token, nx=True, px=ttl_ms)
+            # A SET whose reply was lost is sent again by the client and then
+            # finds the lease taken: by its own first copy.
+            pipe.get(keys.optimizer_lease)
+            pipe.hgetall(keys.optimizer_state)
+            pipe.zrange(keys.workers, 0, -1)
+
+        pause = 0.001
+        while True:
+            trials, (taken, holder, raw, workers) = self._cache.read_with(take_and_read)
+            if taken or holder == token.encode():
+                return token, trials, self._optimizer_state_from(raw, workers)
+            if time.monotonic() > deadline:
+                raise NePSError(
+                    f"Could not take the optimizer lease of run '{self.run}' within"
+                    f" {self.optimizer_wait_seconds:.0f} s."
+                )
+            time.sleep(pause)
+            pause = min(pause * 1.5, 0.02)
 
     def _release_optimizer_lease(self, token: str) -> None:
         self._scripts.run("release_lease", [self.keys.optimizer_lease], [token])
@@ -795,28 +838,29 @@ class RedisNePSState:
                 nothing is stored.
             LeaseLostError: The optimizer took longer than the lease.
         """
-        token = self._acquire_optimizer_lease()
+        token, seen, opt_state = self._lease_and_read()
         try:
-            trials = self._sample(optimizer, worker_id=worker_id, n=n, token=token)
+            new, opt_state = self._ask(
+                optimizer,
+                worker_id=worker_id,
+                seen=seen,
+                used_cost=self._cache.used_cost(),
+                opt_state=opt_state,
+                n=n,
+            )
+            self.store_new_trials(
+                new,
+                worker_id=worker_id,
+                token=token,
+                optimizer_state=opt_state,
+                release=True,
+            )
+            logger.debug("Worker %r sampled %s.", worker_id, [t.id for t in new])
         except BaseException:
             self._release_optimizer_lease(token)
             raise
         if n is None:
-            return trials[0]
-        return trials
-
-    def _sample(
-        self, optimizer: Any, *, worker_id: str, n: int | None, token: str
-    ) -> list[Trial]:
-        new, opt_state = self.ask(optimizer, worker_id=worker_id, n=n)
-        self.store_new_trials(
-            new,
-            worker_id=worker_id,
-            token=token,
-            optimizer_state=opt_state,
-            release=True,
-        )
-        logger.debug("Worker %r sampled %s.", worker_id, [t.id for t in new])
+            return new[0]
         return new
 
     def ask(
@@ -835,15 +879,38 @@ class RedisNePSState:
         Returns the new trials, pending, and the optimizer state to store
         with them (`store_new_trials`), its RNG snapshot taken after sampling.
         """
-        seen = self.lock_and_read_trials() if trials is None else trials
-        opt_state = self._read_optimizer_state()
-        opt_state.seed_snapshot.set_as_global_seed_state()
-        if opt_state.budget is not None:
-            opt_state.budget.used_cost_budget = sum(
+        if trials is None:
+            seen: Mapping[str, Trial] = self.lock_and_read_trials()
+            used_cost = self._cache.used_cost()
+        else:
+            seen = trials
+            used_cost = sum(
                 t.report.cost
                 for t in seen.values()
                 if t.report is not None and t.report.cost is not None
             )
+        return self._ask(
+            optimizer,
+            worker_id=worker_id,
+            seen=seen,
+            used_cost=used_cost,
+            opt_state=self._read_optimizer_state(),
+            n=n,
+        )
+
+    def _ask(
+        self,
+        optimizer: Any,
+        *,
+        worker_id: str,
+        seen: Mapping[str, Trial],
+        used_cost: float,
+        opt_state: OptimizationState,
+        n: int | None,
+    ) -> tuple[list[Trial], OptimizationState]:
+        opt_state.seed_snapshot.set_as_global_seed_state()
+        if opt_state.budget is not None:
+            opt_state.budget.used_cost_budget = used_cost
             opt_state.budget.used_evaluations = len(seen)
 
         sampled = optimizer(
@@ -1154,6 +1221,7 @@ class RedisNePSState:
         result is kept as a `late_report` event and LeaseLostError is raised.
         A copy without a token reports only a trial that nobody holds.
         """
+        self._cache.forget(trial.id)
         trial.report = report
         fields = trial_to_fields(trial)
         clear = [f for f in (*_OPTIONAL_FIELDS, *_LEASE_FIELDS) if f not in fields]
@@ -1234,6 +1302,7 @@ class RedisNePSState:
         set on `trial`, and its lease is renewed by this state's heartbeat.
         """
         del hints
+        self._cache.forget(trial.id)
         fields = trial_to_fields(trial)
         clear = [f for f in _OPTIONAL_FIELDS if f not in fields]
         evaluating = trial.metadata.state == State.EVALUATING
