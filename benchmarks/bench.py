@@ -58,6 +58,7 @@ import neps_redis
 from benchmarks import probes
 from benchmarks.lifecycle import Target, WorkerError, WorkerPool, run_lifecycles
 from neps_redis.server import (
+    COMPACT_HASH_VALUE_BYTES,
     RunningServer,
     ServerBinary,
     available_binaries,
@@ -73,14 +74,20 @@ CHECKOUT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = CHECKOUT / "benchmarks" / "results"
 
 # As the embedded server runs: every write in the append-only file, synced
-# once a second, and a full server refuses writes instead of evicting.
-SERVER_ARGS = (
+# once a second, a full server refuses writes instead of evicting, and trial
+# hashes keep the compact encoding up to 1 KiB a value.
+DEFAULT_HASH_ARGS = (
     "--appendonly",
     "yes",
     "--appendfsync",
     "everysec",
     "--maxmemory-policy",
     "noeviction",
+)
+SERVER_ARGS = (
+    *DEFAULT_HASH_ARGS,
+    "--hash-max-ziplist-value",
+    str(COMPACT_HASH_VALUE_BYTES),
 )
 
 
@@ -166,13 +173,15 @@ def choose_binary(wanted: str | None) -> ServerBinary:
     return _newest(binaries)
 
 
-def start_server(binary: ServerBinary, work: Path) -> RunningServer:
+def start_server(
+    binary: ServerBinary, work: Path, args: tuple[str, ...] = SERVER_ARGS
+) -> RunningServer:
     return start_test_server(
         binary,
         data_dir=work / "server",
         port=free_port(),
         unix_socket=work / "redis.sock",
-        args=SERVER_ARGS,
+        args=args,
     )
 
 
@@ -380,7 +389,8 @@ def compute_targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
         memory["bytes_per_trial"] if memory else None,
         1024.0,
         "<=",
-        f"growth of used_memory / {memory['trials']:,} typical trials"
+        f"growth of used_memory / {memory['trials']:,} typical trials, server"
+        f" with hash-max-listpack-value {COMPACT_HASH_VALUE_BYTES}"
         if memory
         else "memory phase not run",
     )
@@ -540,6 +550,17 @@ def run_benchmark(
         phase.done()
     finally:
         server.stop()
+    if "memory" in phases:
+        # The same trials on a server left at the default compact-hash limit
+        # (64 bytes a value), as an unconfigured server holds them.
+        plain = start_server(binary, work / "default-hash", DEFAULT_HASH_ARGS)
+        try:
+            url = plain.url if transport == "tcp" else f"unix://{plain.unix_socket}"
+            results["memory_default_hash_limit"] = probes.measure_memory(
+                url, plan.memory_trials
+            )
+        finally:
+            plain.stop()
 
     results["targets"] = compute_targets(results)
     results["phase_seconds"] = phase.seconds

@@ -106,8 +106,12 @@ def _memory(ax: Any, results: dict[str, Any]) -> None:
     # The growth of used_memory first, then MEMORY USAGE's estimates of
     # what holds it (they need not add up to it exactly).
     bars = {"used_memory\ngrowth": memory["bytes_per_trial"]}
+    plain = results.get("memory_default_hash_limit")
+    if plain:
+        bars["growth, default\nhash limit"] = plain["bytes_per_trial"]
     bars.update(memory["per_trial_by_holder"])
-    colors = ["tab:red"] + ["tab:blue"] * (len(bars) - 1)
+    colors = ["tab:red"] * (2 if plain else 1)
+    colors += ["tab:blue"] * (len(bars) - len(colors))
     ax.bar(list(bars), list(bars.values()), color=colors)
     ax.axhline(1024, color="grey", linestyle=":", label="1 KiB target")
     ax.set_ylabel("bytes per trial")

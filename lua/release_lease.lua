@@ -4,6 +4,7 @@ Used when sampling fails before anything is stored; a successful sample
 releases the lease inside store_trials.
 
 KEYS[1] optimizer_lease  string
+KEYS[2] optimizer_free   list (wakes a sampler waiting for the lease)
 
 ARGV[1] the caller's lease token
 
@@ -13,7 +14,7 @@ Events: none.
 ]]
 
 if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('DEL', KEYS[1])
+  hand_off(KEYS[1], KEYS[2])
   return 1
 end
 return 0

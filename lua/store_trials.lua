@@ -18,7 +18,8 @@ KEYS[7] finished          zset
 KEYS[8] counts            hash
 KEYS[9] events            stream
 KEYS[10] request          string (this request's reply, for replays)
-KEYS[11..] trial:<id>     hash, one per new trial, in the order of ARGV
+KEYS[11] optimizer_free   list (wakes a sampler waiting for the lease)
+KEYS[12..] trial:<id>     hash, one per new trial, in the order of ARGV
 
 ARGV[1] optimizer lease token ('' to store without the lease: imports)
 ARGV[2] '1' to release the lease after storing
@@ -40,7 +41,7 @@ Events: one <ARGV[3]> per trial.
 
 local meta, lease, optimizer_state, trials = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local idx = {KEYS[5], KEYS[6], KEYS[7]}
-local counts, events, request = KEYS[8], KEYS[9], KEYS[10]
+local counts, events, request, free = KEYS[8], KEYS[9], KEYS[10], KEYS[11]
 local token, release, event, worker_id = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local maxlen, request_ttl, lease_ms = ARGV[5], ARGV[6], tonumber(ARGV[7])
 
@@ -72,7 +73,7 @@ for _ = 1, k do
 end
 
 local new, seen = {}, {}
-local key_i = 11
+local key_i = 12
 while pos <= #ARGV do
   local id, state, score, m = ARGV[pos], ARGV[pos + 1], ARGV[pos + 2],
     tonumber(ARGV[pos + 3])
@@ -121,7 +122,7 @@ if #state_del > 0 then
   redis.call('HDEL', optimizer_state, unpack(state_del))
 end
 if release == '1' and token ~= '' then
-  redis.call('DEL', lease)
+  hand_off(lease, free)
 end
 
 remember(request, 'OK', request_ttl)

@@ -4,6 +4,7 @@ the lines `neps-redis acl` prints, and nothing else."""
 from __future__ import annotations
 
 import shlex
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -87,10 +88,15 @@ def test_a_worker_user_runs_every_transition_of_its_run(
         [ImportedConfig("ext_3", config(13), {"objective_to_minimize": 0.1})],
         worker_id="external",
     )
+    # (a sampler that waits for another's optimizer lease blocks on BLPOP)
+    holder = _open(url)
+    token = holder.take_optimizer_lease()
+    threading.Timer(0.3, holder.release_optimizer_lease, [token]).start()
     state.lock_and_sample_trial(
         lambda trials, budget_info, n=None: SampledConfig("late", config(14)),
         worker_id="w9",
     )
+    holder.close()
     trials = state.lock_and_read_trials()
     state.close()
 

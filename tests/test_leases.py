@@ -274,6 +274,27 @@ def test_a_trial_that_lost_its_worker_on_every_attempt_is_crashed(redis_url, r):
     assert state.counts() == {"crashed": 1}
 
 
+def test_a_reset_trial_gets_every_attempt_again(redis_url, r):
+    # Given a trial crashed because its workers died on both its attempts
+    state = open_state(redis_url, attempts=2)
+    state.lock_and_sample_trial(CountingRandomSearch(), worker_id="s")
+    for worker in ("w1", "w2"):
+        trial = state.claim_next_pending_trial(worker_id=worker)
+        wait_until_expired(r, trial.id)
+        state.requeue_expired()
+    assert state.counts() == {"crashed": 1}
+
+    # When it is reset and its next worker dies too
+    state.lock_and_reset_trial_by_id("1")
+    trial = state.claim_next_pending_trial(worker_id="w3")
+    wait_until_expired(r, trial.id)
+
+    # Then it is requeued, as a new trial would be, and its history stays
+    assert state.requeue_expired() == [("1", "requeued")]
+    assert r.hget(KEYS.trial("1"), "attempts") == b"1"
+    assert [a["worker_id"] for a in state.attempt_history("1")] == ["w1", "w2", "w3"]
+
+
 def test_a_claim_with_nothing_pending_requeues_a_dead_worker_s_trial(state, r):
     # Given a trial whose worker died, and nothing else pending
     state.lock_and_sample_trial(CountingRandomSearch(), worker_id="s")

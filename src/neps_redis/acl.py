@@ -45,6 +45,7 @@ _IN_SCRIPTS = (
     "hincrby",
     "hmget",
     "hset",
+    "rpush",
     "set",
     "time",
     "xadd",
@@ -62,13 +63,15 @@ _IN_SCRIPTS = (
 _ROLE_COMMANDS: dict[str, tuple[str, ...]] = {
     # EVALSHA runs a transition; SCRIPT LOAD is redis-py's answer to NOSCRIPT
     # after a restart emptied the script cache (EVAL is never sent). SET NX
-    # takes the optimizer lease and the sweep lock; the reads serve NePS's
-    # state API and the sweep for expired leases.
+    # takes the optimizer lease and the sweep lock, BLPOP waits for the
+    # lease to be given up; the reads serve NePS's state API and the sweep
+    # for expired leases.
     "worker": (
         "evalsha",
         "script|load",
         *_IN_SCRIPTS,
         "xlen",
+        "blpop",
     ),
     # `status`, `check` (one MULTI/EXEC snapshot) and following the event
     # stream (XREAD, XREVRANGE for the newest entry).

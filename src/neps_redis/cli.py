@@ -1,4 +1,5 @@
-"""The ``neps-redis`` command: the demo, a run's status, the embedded server.
+"""The ``neps-redis`` command: the demo and its worker, a run's status, the
+embedded server.
 
 Errors a person can fix (no server, no such run, a bad URL) end the command
 with one readable line and exit code 1; ``--debug`` shows the traceback
@@ -10,8 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import logging
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,17 +41,25 @@ from neps_redis.cli_output import (
     readable,
 )
 from neps_redis.cli_runs import COMMANDS as RUN_COMMANDS
+from neps_redis.cli_runs import _short
 from neps_redis.connection import URL_ENV, client_from_url, redact_url, resolve_url
 from neps_redis.demo import (
     DEFAULT_BUDGET,
     DEFAULT_SEED,
     DEFAULT_WORKERS,
+    StopSignals,
     WorkerFailedError,
+    WorkerStopped,
+    create_or_join,
     default_run_name,
+    evaluate_until_spent,
+    limit_blas_threads,
+    register_worker,
     run_demo,
+    run_directory,
 )
 from neps_redis.errors import NePSError
-from neps_redis.model import State
+from neps_redis.model import Report, State, Trial
 from neps_redis.server import EmbeddedServer
 from neps_redis.state import RedisNePSState
 from neps_redis.status import RunSummary, summarize
@@ -250,6 +261,132 @@ def demo(
         _print_summary(error.summary)
         raise
     _print_summary(summary)
+
+
+# --- worker ----------------------------------------------------------------
+
+
+@main.command()
+@_redis_here
+@click.argument("run")
+@click.option(
+    "--budget",
+    type=click.IntRange(min=1),
+    help=(
+        "The run's evaluation budget, for all its workers together; it becomes"
+        " the budget of a run that exists."
+        f" [default: {DEFAULT_BUDGET} for a new run, else the run's]"
+    ),
+)
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where the worker's directory goes [default: a new temporary directory].",
+)
+@click.option(
+    "--seed",
+    type=click.IntRange(0, 2**32 - 1),
+    default=DEFAULT_SEED,
+    show_default=True,
+    help="Seed of the run's random number generators, if this worker creates it.",
+)
+@click.pass_obj
+def worker(
+    settings: _Settings,
+    run: str,
+    budget: int | None,
+    workdir: Path | None,
+    seed: int,
+) -> None:
+    """Be one worker of the demo's search in RUN, until its budget is spent.
+
+    RUN is created if it does not exist and joined if it does, so any number
+    of workers may start at once, on any machine that reaches the server.
+    Prints a line per trial it evaluated, then what it did. Ctrl-C
+    or SIGTERM stops it; the trial it was evaluating goes back to pending.
+    Exit code 0 when the budget is spent, 130 or 143 when stopped by Ctrl-C
+    or SIGTERM.
+    """
+    stop = StopSignals()
+    stop.install()
+    try:
+        _work_in_foreground(settings, run, budget, workdir, seed, stop)
+    except WorkerStopped as stopped:
+        click.get_current_context().exit(stopped.exit_code)
+
+
+def _work_in_foreground(
+    settings: _Settings,
+    run: str,
+    budget: int | None,
+    workdir: Path | None,
+    seed: int,
+    stop: StopSignals,
+) -> None:
+    if importlib.util.find_spec("sklearn") is None:
+        raise NePSError(
+            "The demo's worker trains scikit-learn models: pip install"
+            " 'neps-redis[demo]'."
+        )
+    # Never the embedded server by default, as the demo would start: a
+    # worker with no URL set on a cluster node would search alone.
+    settings.url = resolve_url(settings.redis_url)
+    _probe(settings.url)
+    limit_blas_threads()
+    if workdir is None:
+        workdir = Path(tempfile.mkdtemp(prefix="neps-redis-worker-"))
+
+    with create_or_join(run, redis_url=settings.url, budget=budget, seed=seed) as state:
+        worker_id, directory = register_worker(state, run_directory(workdir, run))
+        click.echo(
+            f"Run '{run}' at {redact_url(settings.url)}: worker {worker_id},"
+            f" budget {state.lock_and_get_global_budgets()[0]}; directory"
+            f" {directory}.",
+            err=True,
+        )
+        evaluated: Counter[str] = Counter()
+
+        def echo_report(trial: Trial, report: Report) -> None:
+            evaluated[report.reported_as] += 1
+            seconds = report.evaluation_duration or 0.0
+            click.echo(
+                f"trial {trial.id} {report.reported_as} objective"
+                f" {_short(report.objective_to_minimize)}"
+                f" (worker {worker_id}, {seconds:.1f} s)"
+            )
+
+        try:
+            evaluate_until_spent(
+                state,
+                worker_id=worker_id,
+                directory=directory,
+                stop=stop,
+                on_report=echo_report,
+            )
+        except WorkerStopped as stopped:
+            given_back = ""
+            if stopped.trial_id is not None:
+                given_back = f"; trial {stopped.trial_id} went back to pending"
+            click.echo(f"Worker {worker_id}: {stopped}{given_back}.", err=True)
+            _echo_worker_summary(state, worker_id, evaluated)
+            raise
+        _echo_worker_summary(state, worker_id, evaluated)
+
+
+def _echo_worker_summary(
+    state: RedisNePSState, worker_id: str, evaluated: Counter[str]
+) -> None:
+    done = ", ".join(f"{count} {name}" for name, count in evaluated.items())
+    summary = summarize(state)
+    # Other workers may still be evaluating the last trials of the budget.
+    others = summary.counts[State.EVALUATING.value]
+    click.echo(
+        f"Worker {worker_id} evaluated {evaluated.total()}"
+        f" trial{'' if evaluated.total() == 1 else 's'}"
+        f"{f' ({done})' if done else ''}. Run '{state.run}': finished"
+        f" {summary.finished} of {summary.evaluation_budget}"
+        f"{f', {others} evaluating' if others else ''}."
+    )
 
 
 # --- status ----------------------------------------------------------------

@@ -7,6 +7,11 @@ small neural network (scikit-learn's `MLPClassifier` on the digits data
 that ships with scikit-learn) and reports the result; when nothing is
 pending it asks `RandomSearch` for a new config.
 
+The same worker runs on its own, in the foreground of any machine that
+reaches the server (``neps-redis worker``): `create_or_join` creates the
+run or joins it, `register_worker` and `evaluate_until_spent` are the
+worker, and `StopSignals` stops it cleanly on SIGINT or SIGTERM.
+
 The workers are started with the "spawn" method and make their own Redis
 clients: a client must never cross a fork, and a worker must never touch
 another worker's directory. This module never changes a run's stored
@@ -16,6 +21,7 @@ state except through `RedisNePSState`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import importlib.util
 import json
@@ -30,7 +36,7 @@ import tempfile
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 from pathlib import Path
@@ -41,7 +47,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from neps_redis.connection import redact_url, resolve_url
-from neps_redis.errors import NePSError
+from neps_redis.errors import LeaseLostError, NePSError, OptimizerInfoMismatchError
 from neps_redis.model import (
     BudgetInfo,
     OptimizationState,
@@ -237,18 +243,167 @@ def evaluate_config(config: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+# --- the run ---------------------------------------------------------------
+
+
+def default_run_name() -> str:
+    """``demo-<local date>-<time>``."""
+    return time.strftime("demo-%Y%m%d-%H%M%S")
+
+
+def _directory_name(run: str) -> str:
+    """A run name made safe as one directory name."""
+    name = re.sub(r"[^\w.-]", "_", run).lstrip(".")
+    return name or "run"
+
+
+def run_directory(workdir: str | Path, run: str) -> Path:
+    """Where the workers of `run` make their own directories: one directory
+    a run under `workdir`, named after it."""
+    return Path(workdir) / _directory_name(run)
+
+
+def _seed_snapshot(seed: int) -> SeedSnapshot:
+    """The RNG states after seeding with `seed`; the caller's own RNG states
+    are left as they were."""
+    saved = SeedSnapshot.new_capture()
+    random.seed(seed)
+    np.random.seed(seed)
+    snapshot = SeedSnapshot.new_capture()
+    saved.set_as_global_seed_state()
+    return snapshot
+
+
+def create_or_join(
+    run: str,
+    *,
+    redis_url: str | None = None,
+    budget: int | None = None,
+    seed: int = DEFAULT_SEED,
+) -> RedisNePSState:
+    """The demo's run `run`, created if it does not exist, else joined.
+
+    Any number of workers may call this at once: the run is created by
+    exactly one of them, in one atomic step, and the others join it.
+
+    Args:
+        redis_url: Where the run lives (default: see `resolve_url`).
+        budget: The run's evaluation budget. None keeps the budget of a run
+            that exists and gives a new one `DEFAULT_BUDGET`; a number that
+            differs from the run's becomes the run's.
+        seed: Seeds the RNG snapshot of a new run, so equal seeds sample
+            equal configs under equal ids; a run that exists keeps its own.
+
+    Raises:
+        OptimizerInfoMismatchError: (a NePSError) The run exists and is not
+            a run of the demo's search.
+    """
+    if budget is not None and budget < 1:
+        raise ValueError(f"budget must be at least 1, not {budget}.")
+    try:
+        state = RedisNePSState.create_or_load(
+            run,
+            redis=resolve_url(redis_url),
+            optimizer_info={"name": OPTIMIZER_NAME, "info": {"space": SEARCH_SPACE}},
+            optimizer_state=OptimizationState(
+                budget=BudgetInfo(total_evaluations_to_spend=budget or DEFAULT_BUDGET),
+                seed_snapshot=_seed_snapshot(seed),
+                shared_state=None,
+            ),
+        )
+    except OptimizerInfoMismatchError as error:
+        raise OptimizerInfoMismatchError(
+            f"Run '{run}' exists and is not a run of the demo's random search"
+            " (its optimizer or search space differ): choose another run name."
+        ) from error
+
+    if budget is not None and state.lock_and_get_global_budgets()[0] != budget:
+        logger.info("Run %r: evaluation budget set to %d.", run, budget)
+        state.lock_and_update_global_budgets(
+            total_evaluations_to_spend=budget,
+            total_cost_to_spend=None,
+            total_fidelities_to_spend=None,
+        )
+    return state
+
+
 # --- a worker --------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _WorkerArgs:
-    """What a worker process receives; plain values only, no client."""
+class WorkerStopped(BaseException):
+    """A stop signal (SIGINT, SIGTERM) ended a worker before the budget was
+    spent.
 
-    redis_url: str
-    run: str
-    directory: str
-    objective: Callable[[Mapping[str, Any]], Any]
-    log_level: int
+    A BaseException, so that no evaluation can swallow it: scikit-learn's
+    `fit` catches KeyboardInterrupt and returns a half-trained model, and an
+    objective's own ``except Exception`` would turn a stop into a crashed
+    report.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+        # The trial the worker gave back to pending, if it was evaluating one.
+        self.trial_id: str | None = None
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal's number, as a shell reports a process it ended."""
+        return 128 + self.signum
+
+
+class StopSignals:
+    """Turns stop signals into a clean stop of `evaluate_until_spent`.
+
+    A signal during an evaluation stops it at once (`WorkerStopped` is raised
+    there) and its trial goes back to pending. A signal during a step on the
+    server (a claim, a report, a sample) is noted and acted on once the step
+    is done, so that no reply is cut off half read. A second signal stops
+    the worker wherever it is.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._evaluating = False
+
+    def install(self, signums: Iterable[int] = (signal.SIGINT, signal.SIGTERM)) -> None:
+        """Handle `signums` in this process (call from the main thread)."""
+        for signum in signums:
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        again = self.signum is not None
+        self.signum = signum
+        if self._evaluating or again:
+            raise WorkerStopped(signum)
+
+    def check(self) -> None:
+        """Raise `WorkerStopped` if a stop signal has arrived."""
+        if self.signum is not None:
+            raise WorkerStopped(self.signum)
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Inside, a stop signal raises `WorkerStopped` at once."""
+        self.check()
+        self._evaluating = True
+        try:
+            yield
+        finally:
+            self._evaluating = False
+
+
+def limit_blas_threads() -> None:
+    """One BLAS thread in this process.
+
+    The workers are the parallelism: four workers on two cores each
+    starting two threads would fight. The limiter comes with scikit-learn;
+    a custom objective may do without.
+    """
+    with contextlib.suppress(ImportError):
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=1)
 
 
 def _as_result(value: Any) -> dict[str, Any]:
@@ -305,92 +460,164 @@ def _evaluate(
     )
 
 
+def _give_back(state: RedisNePSState, trial: Trial, worker_id: str) -> bool:
+    """Put a trial this worker stopped evaluating back to pending now, not
+    when its lease runs out (30 minutes by default).
+
+    The write is fenced by the trial's claim token: a trial no longer held
+    under it (requeued and claimed by another worker meanwhile) is left
+    alone, and False returned.
+    """
+    metadata = dataclasses.replace(
+        trial.metadata,
+        state=State.PENDING,
+        evaluating_worker_id=None,
+        evaluation_duration=None,
+        time_submitted=None,
+        time_started=None,
+        time_end=None,
+    )
+    pending = dataclasses.replace(trial, metadata=metadata, report=None)
+    try:
+        state.put_updated_trial(pending)
+    except LeaseLostError:
+        return False
+    logger.info(
+        "Worker %r gave trial %r of run %r back to pending.",
+        worker_id,
+        trial.id,
+        state.run,
+    )
+    return True
+
+
+def register_worker(state: RedisNePSState, directory: str | Path) -> tuple[str, Path]:
+    """Register a new worker in `state`'s run; returns its worker id and its
+    own directory, ``<directory>/<worker id>``, new and empty.
+
+    Raises:
+        NePSError: The worker's directory exists and holds files.
+    """
+    worker_id = state.lock_and_set_new_worker_id()
+    # Nothing in a worker's directory was written by anyone else.
+    own = Path(directory) / worker_id
+    own.mkdir(parents=True, exist_ok=True)
+    if any(own.iterdir()):
+        raise NePSError(
+            f"Worker directory {own} is not empty; give the worker a workdir of"
+            " its own."
+        )
+    return worker_id, own
+
+
+def evaluate_until_spent(
+    state: RedisNePSState,
+    *,
+    worker_id: str,
+    directory: Path,
+    objective: Callable[[Mapping[str, Any]], Any] = evaluate_config,
+    stop: StopSignals | None = None,
+    on_report: Callable[[Trial, Report], None] | None = None,
+) -> None:
+    """Claim, evaluate and report the run's trials as `worker_id`, asking
+    `RandomSearch` for a new config when none is pending, until the run's
+    budget is spent.
+
+    Returns once the optimizer has sampled the whole budget and nothing is
+    pending: trials other workers are evaluating are theirs until their
+    lease runs out. `on_report` is called after each report is stored.
+
+    Raises:
+        WorkerStopped: `stop` caught a signal. A trial this worker was
+            evaluating went back to pending.
+    """
+    stop = stop or StopSignals()
+    optimizer = RandomSearch(state.lock_and_get_optimizer_info()["info"]["space"])
+    while True:
+        stop.check()
+        trial = state.claim_next_pending_trial(worker_id=worker_id)
+        if trial is not None:
+            try:
+                with stop.evaluating():
+                    report = _evaluate(
+                        trial,
+                        worker_id=worker_id,
+                        directory=directory,
+                        objective=objective,
+                    )
+            except WorkerStopped as stopped:
+                if _give_back(state, trial, worker_id):
+                    stopped.trial_id = trial.id
+                raise
+            try:
+                state.lock_and_report_trial_evaluation(
+                    trial, report, worker_id=worker_id
+                )
+            except LeaseLostError:
+                # The trial was requeued while this worker evaluated it; the
+                # state has logged it, and another worker evaluates it again.
+                continue
+            if on_report is not None:
+                on_report(trial, report)
+            continue
+
+        try:
+            state.lock_and_sample_trial(optimizer, worker_id=worker_id)
+        except BudgetSpentError:
+            # Another worker's sample may still be waiting to be claimed.
+            if not state.counts().get(State.PENDING.value):
+                return
+
+
+# --- the demo's worker processes -------------------------------------------
+
+
+@dataclass(frozen=True)
+class _WorkerArgs:
+    """What a worker process receives; plain values only, no client."""
+
+    redis_url: str
+    run: str
+    directory: str
+    objective: Callable[[Mapping[str, Any]], Any]
+    log_level: int
+
+
 def _work(args: _WorkerArgs) -> None:
     """A worker process: claim, evaluate, report; sample when idle."""
-    # Ctrl-C reaches the whole process group. scikit-learn catches the
-    # KeyboardInterrupt inside `fit` and returns a half-trained model, which
-    # would be reported as a real result; so workers ignore it and the parent
-    # stops them instead, leaving an interrupted trial evaluating, never
-    # wrongly finished.
+    # Ctrl-C reaches the whole process group, and the parent answers it by
+    # stopping its workers with SIGTERM. A worker heeding both would take
+    # the parent's SIGTERM for a second signal and stop before giving its
+    # trial back.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    stop = StopSignals()
+    stop.install((signal.SIGTERM,))
     logging.basicConfig(
         level=args.log_level,
         format="%(asctime)s %(processName)s %(levelname)s %(name)s: %(message)s",
     )
-    # One BLAS thread per worker: the workers are the parallelism, and four
-    # workers on two cores each starting two threads would fight. The
-    # limiter comes with scikit-learn; a custom objective may do without.
-    with contextlib.suppress(ImportError):
-        from threadpoolctl import threadpool_limits
+    limit_blas_threads()
 
-        threadpool_limits(limits=1)
-
+    state = RedisNePSState.create_or_load(
+        args.run, redis=args.redis_url, load_only=True
+    )
     try:
-        state = RedisNePSState.create_or_load(
-            args.run, redis=args.redis_url, load_only=True
+        worker_id, directory = register_worker(state, args.directory)
+        evaluate_until_spent(
+            state,
+            worker_id=worker_id,
+            directory=directory,
+            objective=args.objective,
+            stop=stop,
         )
-        worker_id = state.lock_and_set_new_worker_id()
-
-        # The worker's own directory, new and empty: nothing in it was
-        # written by anyone else.
-        directory = Path(args.directory) / worker_id
-        directory.mkdir(parents=True, exist_ok=True)
-        if any(directory.iterdir()):
-            raise NePSError(f"Worker directory {directory} is not empty.")
-
-        space = state.lock_and_get_optimizer_info()["info"]["space"]
-        optimizer = RandomSearch(space)
-        while True:
-            trial = state.claim_next_pending_trial(worker_id=worker_id)
-            if trial is not None:
-                report = _evaluate(
-                    trial,
-                    worker_id=worker_id,
-                    directory=directory,
-                    objective=args.objective,
-                )
-                state.lock_and_report_trial_evaluation(
-                    trial, report, worker_id=worker_id
-                )
-                continue
-
-            try:
-                state.lock_and_sample_trial(optimizer, worker_id=worker_id)
-            except BudgetSpentError:
-                # Another worker's sample may still be waiting to be claimed;
-                # trials other workers are evaluating are theirs until their
-                # lease runs out, so there is nothing else to wait for.
-                if not state.counts().get(State.PENDING.value):
-                    break
-        logger.info("Worker %r finished in run %r.", worker_id, args.run)
-    except KeyboardInterrupt:
-        # Only when SIGINT is sent to this process alone: stop quietly.
-        sys.exit(130)
+    except WorkerStopped as stopped:
+        sys.exit(stopped.exit_code)
+    finally:
+        state.close()
+    logger.info("Worker %r finished in run %r.", worker_id, args.run)
 
 
 # --- the parent ------------------------------------------------------------
-
-
-def default_run_name() -> str:
-    """``demo-<local date>-<time>``."""
-    return time.strftime("demo-%Y%m%d-%H%M%S")
-
-
-def _directory_name(run: str) -> str:
-    """A run name made safe as one directory name."""
-    name = re.sub(r"[^\w.-]", "_", run).lstrip(".")
-    return name or "run"
-
-
-def _seed_snapshot(seed: int) -> SeedSnapshot:
-    """The RNG states after seeding with `seed`; the caller's own RNG states
-    are left as they were."""
-    saved = SeedSnapshot.new_capture()
-    random.seed(seed)
-    np.random.seed(seed)
-    snapshot = SeedSnapshot.new_capture()
-    saved.set_as_global_seed_state()
-    return snapshot
 
 
 def _describe_counts(counts: Mapping[str, int]) -> str:
@@ -461,25 +688,10 @@ def run_demo(
         )
     redis_url = resolve_url(redis_url)
     run = run or default_run_name()
-    state = RedisNePSState.create_or_load(
-        run,
-        redis=redis_url,
-        optimizer_info={"name": OPTIMIZER_NAME, "info": {"space": SEARCH_SPACE}},
-        optimizer_state=OptimizationState(
-            budget=BudgetInfo(total_evaluations_to_spend=budget),
-            seed_snapshot=_seed_snapshot(seed),
-            shared_state=None,
-        ),
-    )
-    if state.lock_and_get_global_budgets()[0] != budget:
-        state.lock_and_update_global_budgets(
-            total_evaluations_to_spend=budget,
-            total_cost_to_spend=None,
-            total_fidelities_to_spend=None,
-        )
+    state = create_or_join(run, redis_url=redis_url, budget=budget, seed=seed)
     if workdir is None:
         workdir = tempfile.mkdtemp(prefix="neps-redis-demo-")
-    directory = Path(workdir) / _directory_name(run)
+    directory = run_directory(workdir, run)
     directory.mkdir(parents=True, exist_ok=True)
     logger.info(
         "Demo run %r at %s: %d workers, budget %d, directory %r.",

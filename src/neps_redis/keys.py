@@ -19,6 +19,7 @@ any of them. Scripts never build keys: they receive them in ``KEYS``.
 | ``worker_info``            | hash   | worker id -> JSON record (host, pid, times)  |
 | ``optimizer_state``        | hash   | budget, RNG snapshot, shared state           |
 | ``optimizer_lease``        | string | token of the sampler holding the lease       |
+| ``optimizer_free``         | list   | one element after each release, for waiters  |
 | ``sweep_lock``             | string | token of the last requeue sweep; expires     |
 | ``pipeline_space``         | string | pickled pipeline space (only when opted in)  |
 | ``request:<id>``           | string | reply of a write, kept briefly for replays   |
@@ -168,6 +169,12 @@ class RunKeys:
         return self._key("optimizer_lease")
 
     @property
+    def optimizer_free(self) -> str:
+        """A list that gets one element whenever the optimizer lease is given
+        up; a sampler waiting for the lease blocks on it (BLPOP)."""
+        return self._key("optimizer_free")
+
+    @property
     def sweep_lock(self) -> str:
         return self._key("sweep_lock")
 
@@ -203,6 +210,7 @@ class RunKeys:
             self.worker_info,
             self.optimizer_state,
             self.optimizer_lease,
+            self.optimizer_free,
             self.sweep_lock,
             self.pipeline_space,
         ]

@@ -25,7 +25,16 @@ from neps_redis.errors import ERROR_CODES, TrialAlreadyExistsError
 logger = logging.getLogger(__name__)
 
 # Helpers in the order they must be defined (later ones call earlier ones).
-INCLUDES = ("fail", "now_ms", "replay", "emit", "index", "args", "rewrite")
+INCLUDES = (
+    "fail",
+    "now_ms",
+    "replay",
+    "emit",
+    "index",
+    "args",
+    "rewrite",
+    "handoff",
+)
 
 TRANSITIONS = (
     "create_run",

@@ -97,6 +97,9 @@ logger = logging.getLogger(__name__)
 ALLOW_PICKLE_ENV = "NEPS_REDIS_ALLOW_PICKLE"
 
 # Fields the server manages; a caller's copy of a trial never carries them.
+# How long a sampler waiting for the optimizer lease blocks before it tries
+# again without being woken (the holder may have died).
+_LEASE_RECHECK_SECONDS = 0.1
 _LEASE_FIELDS = ("token", "lease_deadline_ms")
 _OPTIONAL_FIELDS = (
     tuple(
@@ -696,7 +699,6 @@ class RedisNePSState:
         token = secrets.token_hex(16)
         ttl_ms = int(self.optimizer_lease_seconds * 1000)
         deadline = time.monotonic() + self.optimizer_wait_seconds
-        pause = 0.002
         while not self._client.set(
             self.keys.optimizer_lease, token, nx=True, px=ttl_ms
         ):
@@ -709,8 +711,7 @@ class RedisNePSState:
                     f"Could not take the optimizer lease of run '{self.run}' within"
                     f" {self.optimizer_wait_seconds:.0f} s."
                 )
-            time.sleep(pause)
-            pause = min(pause * 1.5, 0.02)
+            self._wait_for_release(deadline)
         return token
 
     def _lease_and_read(self) -> tuple[str, TrialsView, OptimizationState]:
@@ -730,7 +731,6 @@ class RedisNePSState:
             pipe.hgetall(keys.optimizer_state)
             pipe.zrange(keys.workers, 0, -1)
 
-        pause = 0.001
         while True:
             trials, (taken, holder, raw, workers) = self._cache.read_with(take_and_read)
             if taken or holder == token.encode():
@@ -740,11 +740,22 @@ class RedisNePSState:
                     f"Could not take the optimizer lease of run '{self.run}' within"
                     f" {self.optimizer_wait_seconds:.0f} s."
                 )
-            time.sleep(pause)
-            pause = min(pause * 1.5, 0.02)
+            self._wait_for_release(deadline)
+
+    def _wait_for_release(self, deadline: float) -> None:
+        """Block until a holder gives the optimizer lease up, or a tenth of a
+        second passes: a holder that died gives nothing up, its lease merely
+        expires, so the waiter must look again now and then."""
+        timeout = min(_LEASE_RECHECK_SECONDS, deadline - time.monotonic())
+        if timeout > 0:
+            self._client.blpop([self.keys.optimizer_free], timeout=timeout)
 
     def _release_optimizer_lease(self, token: str) -> None:
-        self._scripts.run("release_lease", [self.keys.optimizer_lease], [token])
+        self._scripts.run(
+            "release_lease",
+            [self.keys.optimizer_lease, self.keys.optimizer_free],
+            [token],
+        )
 
     def _store(
         self,
@@ -802,6 +813,7 @@ class RedisNePSState:
                 keys.counts,
                 keys.events,
                 _request(keys),
+                keys.optimizer_free,
                 *trial_keys,
             ],
             args,
@@ -1392,6 +1404,9 @@ class RedisNePSState:
                 *REPORT_FIELDS,
                 *_EVALUATION_FIELDS,
                 *_LEASE_FIELDS,
+                # A reset trial starts over: as many lost workers as a new
+                # one before it is marked crashed (its history stays).
+                "attempts",
             ],
         )
         self._release(trial_id)
