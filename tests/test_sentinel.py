@@ -1,8 +1,9 @@
 """The package behind Sentinel: a primary, a replica and three Sentinels on
-loopback, and a failover.
+loopback, and failovers.
 
-Marked ``cluster`` so that it runs in the same CI stage as the Redis
-Cluster tests: both start several servers and take a while.
+Marked ``sentinel``; CI runs these tests in the same stage as the Redis
+Cluster tests (``-m 'cluster or sentinel'``): both start several servers
+and take a while.
 """
 
 from __future__ import annotations
@@ -15,24 +16,23 @@ from pathlib import Path
 import pytest
 import redis
 
-from neps_redis import RedisNePSState
+from neps_redis import RedisNePSState, acl
 from neps_redis.check import inspect_run
-from neps_redis.connection import client_from_url
+from neps_redis.connection import client_from_url, retry_policy
 from neps_redis.errors import NePSError
 from neps_redis.server import RunningServer, free_port, start_test_server
+from neps_redis.topology import SENTINEL_CHECK_SECONDS
 from tests.conftest import _require_binaries
 from tests.helpers import newest
 from tests.test_status_and_cli import Configs, evaluate, new_run
 
-# Not run by CI: the failover test is not yet reliable (a read may reach the
-# demoted primary for up to a second after a failover). Run by hand with
-# `pytest -m sentinel`.
 pytestmark = pytest.mark.sentinel
 
 SERVICE = "neps"
 TRIALS = 40
-# Long enough that the failover falls in the middle of the run.
-EVALUATION_SECONDS = 0.15
+# Long enough that the failover falls in the middle of the run: two workers
+# take six seconds, the Sentinels switch about two seconds in.
+EVALUATION_SECONDS = 0.3
 
 
 def _wait(what: str, ready, timeout: float = 30.0) -> None:
@@ -114,6 +114,40 @@ def _primary_port(sentinel: RunningServer) -> int:
         return int(client.sentinel_get_master_addr_by_name(SERVICE)[1])
 
 
+def _replica_port(sentinel: RunningServer) -> int:
+    with sentinel.client() as client:
+        [replica] = client.sentinel_slaves(SERVICE)
+        return int(replica["port"])
+
+
+def _fail_over(sentinel: RunningServer) -> int:
+    """Fail over by hand and wait until `sentinel` names the new primary;
+    returns the old primary's port."""
+    before = _primary_port(sentinel)
+    with sentinel.client() as client:
+        client.execute_command("SENTINEL", "FAILOVER", SERVICE)
+    _wait("the failover", lambda: _primary_port(sentinel) != before)
+    return before
+
+
+def _role(port: int) -> bytes:
+    with redis.Redis(port=port) as client:
+        return client.execute_command("ROLE")[0]
+
+
+def _worker_commands_served(port: int) -> dict[str, int]:
+    """How often the server at `port` was sent each command of a worker's
+    own (those of connecting excepted, which the Sentinels send too)."""
+    own = set(acl.commands("worker")) - {"hello", "info", "ping", "select"}
+    with redis.Redis(port=port) as client:
+        stats = client.info("commandstats")
+    return {
+        name: sum(stat.get(k, 0) for k in ("calls", "rejected_calls", "failed_calls"))
+        for key, stat in stats.items()
+        if (name := key.removeprefix("cmdstat_")) in own
+    }
+
+
 def test_a_sentinel_url_reaches_the_primary_and_runs_the_lifecycle(sentinels):
     # Given
     url, watchers = sentinels
@@ -136,29 +170,70 @@ def test_a_sentinel_url_reaches_the_primary_and_runs_the_lifecycle(sentinels):
     assert inspect_run(client, "through sentinel").ok
 
 
+def test_a_client_refuses_a_server_that_the_sentinels_name_but_is_a_replica(
+    sentinels,
+):
+    # Given: Sentinels told to watch the replica as the service's primary
+    url, watchers = sentinels
+    replica = _replica_port(watchers[0])
+    for watcher in watchers:
+        with watcher.client() as client:
+            client.execute_command("SENTINEL", "REMOVE", SERVICE)
+            client.execute_command(
+                "SENTINEL", "MONITOR", SERVICE, "127.0.0.1", replica, 2
+            )
+    client = client_from_url(url, retry=retry_policy(retries=0))
+
+    # When / Then: a command is not sent there, and the error says why
+    with pytest.raises(redis.ConnectionError, match="is a slave, not the primary"):
+        client.hgetall("neps:{refused}:counts")
+    client.close()
+
+
 def test_after_a_failover_the_client_follows_the_new_primary(sentinels):
     # Given: a run on the first primary
     url, watchers = sentinels
-    before = _primary_port(watchers[0])
     state = new_run(url, "failover")
-    with redis.Redis(port=before) as old:
+    with redis.Redis(port=_primary_port(watchers[0])) as old:
         old.wait(1, 5000)
 
     # When: the primary fails over, and the old one is demoted
-    with watchers[0].client() as client:
-        client.execute_command("SENTINEL", "FAILOVER", SERVICE)
-    _wait("the failover", lambda: _primary_port(watchers[0]) != before)
-    with redis.Redis(port=before) as old:
-        _wait(
-            "the old primary's demotion",
-            lambda: old.execute_command("ROLE")[0] == b"slave",
-        )
+    before = _fail_over(watchers[0])
+    _wait("the old primary's demotion", lambda: _role(before) == b"slave")
 
     # Then: the same state object writes to the new primary
     worker = state.lock_and_set_new_worker_id("after")
     state.lock_and_sample_trial(Configs({"x": 1}), worker_id=worker)
     evaluate(state, worker, 0.1)
     state.close()
+    with redis.Redis(port=_primary_port(watchers[0])) as primary:
+        assert primary.hget(state.keys.counts, "success") == b"1"
+
+
+def test_a_client_idle_across_a_failover_writes_to_the_new_primary_at_once(
+    sentinels,
+):
+    # Given: a run opened through the Sentinels, on the first primary
+    url, watchers = sentinels
+    state = new_run(url, "idle")
+    with redis.Redis(port=_primary_port(watchers[0])) as old:
+        old.wait(1, 5000)
+
+    # When: the Sentinels name the new primary, and the state's connection,
+    # still open to the old one, is used again before the old one is demoted
+    # (the Sentinels demote it some eight seconds later)
+    before = _fail_over(watchers[0])
+    time.sleep(SENTINEL_CHECK_SECONDS)
+    served = _worker_commands_served(before)
+    worker = state.lock_and_set_new_worker_id("w")
+    state.lock_and_sample_trial(Configs({"x": 1}), worker_id=worker)
+    evaluate(state, worker, 0.1)
+    state.close()
+
+    # Then: not one command reached the old primary, which still answered
+    # as a primary and would have served them; the trial is on the new one
+    assert _role(before) == b"master"
+    assert _worker_commands_served(before) == served
     with redis.Redis(port=_primary_port(watchers[0])) as primary:
         assert primary.hget(state.keys.counts, "success") == b"1"
 
@@ -206,7 +281,6 @@ def _work(url: str, worker_id: str, failures: list[BaseException]) -> None:
 def test_workers_survive_a_failover_in_the_middle_of_a_run(sentinels):
     # Given: a run with its trials sampled
     url, watchers = sentinels
-    before = _primary_port(watchers[0])
     state = new_run(url, "busy")
     sampler = state.lock_and_set_new_worker_id("sampler")
     optimizer = Configs(*({"x": k} for k in range(TRIALS)))
@@ -222,16 +296,14 @@ def test_workers_survive_a_failover_in_the_middle_of_a_run(sentinels):
     for worker in workers:
         worker.start()
     time.sleep(1.0)
-    with watchers[0].client() as client:
-        client.execute_command("SENTINEL", "FAILOVER", SERVICE)
-    _wait("the failover", lambda: _primary_port(watchers[0]) != before)
-    with client_from_url(url) as client:
-        finished_at_failover = int(client.hget(state.keys.counts, "success") or 0)
+    _fail_over(watchers[0])
+    working_at_the_switch = sum(w.is_alive() for w in workers)
     for worker in workers:
         worker.join(timeout=120)
 
-    # Then: every trial was evaluated, on the new primary, and the keys agree
-    assert finished_at_failover < TRIALS
+    # Then: the failover fell in the middle of the run, and every trial was
+    # evaluated, on the new primary, and the keys agree
+    assert working_at_the_switch == 2
     assert not any(w.is_alive() for w in workers)
     assert failures == []
     client = client_from_url(url)

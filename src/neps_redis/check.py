@@ -38,6 +38,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import redis
+
 from neps_redis.errors import RunNotFoundError
 from neps_redis.keys import RunKeys
 
@@ -128,8 +130,15 @@ class _Snapshot:
 
 
 def _take_snapshot(client: Any, keys: RunKeys, ids: list[str]) -> _Snapshot:
+    # A cluster's transaction takes only commands on its one slot, so there
+    # the clock (which only dates the expired leases noted) is read from the
+    # run's primary just before it.
+    clock = None
+    if isinstance(client, redis.RedisCluster):
+        clock = client.time(target_nodes=client.get_node_from_key(keys.meta))
     pipe = client.pipeline(transaction=True)
-    pipe.time()
+    if clock is None:
+        pipe.time()
     pipe.hgetall(keys.meta)
     pipe.hgetall(keys.counts)
     pipe.zrange(keys.trials, 0, -1, withscores=True)
@@ -140,6 +149,8 @@ def _take_snapshot(client: Any, keys: RunKeys, ids: list[str]) -> _Snapshot:
     for trial_id in ids:
         pipe.hmget(keys.trial(trial_id), _FIELDS)
     reply = pipe.execute()
+    if clock is not None:
+        reply.insert(0, clock)
 
     seconds, micros = reply[0]
     hashes: dict[str, dict[str, str | None] | None] = {}
@@ -161,15 +172,17 @@ def _take_snapshot(client: Any, keys: RunKeys, ids: list[str]) -> _Snapshot:
             "finished": _members(reply[6]),
         },
         hashes=hashes,
-        events=[
-            {_text(k): _text(v) for k, v in fields.items()}  # type: ignore[misc]
-            for _, fields in reply[7]
-        ],
-        errors=[
-            {_text(k): _text(v) for k, v in fields.items()}  # type: ignore[misc]
-            for _, fields in reply[8]
-        ],
+        events=[_entry(fields) for _, fields in reply[7]],
+        errors=[_entry(fields) for _, fields in reply[8]],
     )
+
+
+def _entry(fields: Mapping[bytes, bytes] | list[bytes]) -> dict[str, str]:
+    # redis-py's cluster transactions leave a stream entry's fields as the
+    # flat list the server sent.
+    if not isinstance(fields, Mapping):
+        fields = dict(zip(fields[::2], fields[1::2], strict=True))
+    return {_text(k): _text(v) for k, v in fields.items()}  # type: ignore[misc]
 
 
 def _snapshot(client: Any, keys: RunKeys) -> _Snapshot:
