@@ -213,6 +213,7 @@ def lifecycle_phase(
     with WorkerPool(max(plan.processes)) as pool:
         for processes, trials in pairs:
             probes.flush(admin)
+            server_cpu = _server_cpu_s(admin)
             result = run_lifecycles(
                 pool,
                 Target("neps-redis", url),
@@ -221,6 +222,10 @@ def lifecycle_phase(
                 trials=trials,
                 timeout=plan.lifecycle_timeout_s,
             )
+            if result["completed"]:
+                result["server_cpu_ms_per_lifecycle"] = round(
+                    (_server_cpu_s(admin) - server_cpu) * 1000 / result["completed"], 3
+                )
             results.append(result)
             _log_lifecycle(result)
     probes.flush(admin)
@@ -257,6 +262,12 @@ def lifecycle_phase(
             f" was skipped: {str(error).strip().splitlines()[-1]}"
         )
     return results
+
+
+def _server_cpu_s(client: redis.Redis) -> float:
+    """The server's CPU time so far (user and system, all its threads)."""
+    cpu = client.info("cpu")
+    return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
 
 
 def _log_lifecycle(result: dict[str, Any]) -> None:

@@ -51,11 +51,17 @@ def _serve(index: int, tasks: Any, results: Any) -> None:
                 results.put(("ready", index, None))
             elif kind == "go":
                 records = []
+                cpu = time.process_time()
                 for _ in range(payload["count"]):
                     if time.time() > payload["deadline"]:
                         break
                     records.append(lifecycle.run_one())
-                results.put(("done", index, {"end": time.time(), "records": records}))
+                done = {
+                    "end": time.time(),
+                    "records": records,
+                    "cpu_s": time.process_time() - cpu,
+                }
+                results.put(("done", index, done))
             elif kind == "census":
                 results.put(("census", index, lifecycle.census()))
         except Exception:
@@ -177,6 +183,7 @@ def run_lifecycles(
     wall = max(answer["end"] for answer in done.values()) - started
 
     records = [r for answer in done.values() for r in answer["records"]]
+    cpu_s = sum(answer["cpu_s"] for answer in done.values())
     pool.send(0, "census")
     census = pool.receive("census", [0], _PREPARE_TIMEOUT)[0]
     completed = len(records)
@@ -188,6 +195,10 @@ def run_lifecycles(
         "truncated": completed < trials,
         "wall_s": round(wall, 3),
         "lifecycles_per_s": round(completed / wall, 2) if wall > 0 else None,
+        # The workers' own CPU time (user and system), all processes summed.
+        "client_cpu_ms_per_lifecycle": (
+            round(cpu_s * 1000 / completed, 3) if completed else None
+        ),
         "steps": summarize_steps(records),
         "census": census,
         "verified": census == {"success": completed},

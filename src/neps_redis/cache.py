@@ -167,9 +167,10 @@ class TrialCache:
             if b"trial_id" in fields
         }
         changed |= self._stale
-        self._stale = set()
         if changed:
             self._refresh(sorted(changed, key=self._order))
+        # Only now: a read that failed half-way is done again in full.
+        self._stale = set()
         if events:
             self._anchor = tuple(events[-1])  # type: ignore[assignment]
         return TrialsView(self._trials), extra
@@ -188,6 +189,8 @@ class TrialCache:
         return self._seq.get(trial_id, 1 << 62)
 
     def _full_read(self) -> None:
+        # Until it is done, the copy is not to be built on.
+        self._loaded = False
         keys = self._keys
         pipe = self._client.pipeline(transaction=False)
         pipe.hget(keys.meta, "created_at")
