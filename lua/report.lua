@@ -7,8 +7,10 @@ fenced by the claim token the copy carries: if the stored trial is held
 under another token (its lease expired and it was requeued, reset or taken
 over), or under a token while the copy carries none, the late result is
 recorded as an event, with its objective, and the trial is left untouched.
-A copy without a token may only report a trial that nobody holds. A report
-with an error is appended to the shared errors.
+A copy without a token may only report a trial that nobody holds and that
+has no result yet: a trial never gets a second result (a reset drops the
+first), so that one is refused too, and kept as an event. A report with an
+error is appended to the shared errors.
 
 KEYS[1] trial:<id>   hash
 KEYS[2] pending      zset
@@ -33,7 +35,7 @@ then three lists, each a count followed by its values:
 
 Returns 'OK'.
 Errors: NEPS_TRIAL_NOT_FOUND <id>; NEPS_LEASE_LOST <id> (a late report);
-NEPS_BAD_ARGUMENT.
+NEPS_BAD_STATE (the trial already has a result); NEPS_BAD_ARGUMENT.
 Events: reported; late_report when fenced off (with the state and
 objective_to_minimize the late report carried). A refused report answers a
 replay with the same refusal and no second event.
@@ -46,11 +48,20 @@ local maxlen, request_ttl, lease_ms = ARGV[6], ARGV[7], tonumber(ARGV[8])
 
 -- Kept as the reply of a refused report, so that a replay refuses again
 -- without recording the late result twice.
-local REFUSED = '!lease_lost'
+local REFUSED, FINISHED = '!lease_lost', '!finished'
+local HAS_RESULT = {success = true, failed = true, crashed = true}
+
+local function already_reported(stored_state)
+  return fail(E.NEPS_BAD_STATE, "Trial '" .. id .. "' already has a result ("
+    .. stored_state .. '): a second report is refused and kept as a'
+    .. ' late_report event. Reset the trial to evaluate it again.')
+end
 
 local done = replayed(request)
 if done == REFUSED then
   return fail(E.NEPS_LEASE_LOST, id)
+elseif done and done:sub(1, #FINISHED) == FINISHED then
+  return already_reported(done:sub(#FINISHED + 2))
 elseif done then
   return done
 end
@@ -72,9 +83,9 @@ if redis.call('EXISTS', key) == 0 then
 end
 local current = redis.call('HMGET', key, 'state', 'token')
 local held = current[1] == 'evaluating' and current[2] or ''
-if token ~= held then
-  -- Deliberately the only writes of a refused report: the late result is
-  -- kept as an event so nobody's work vanishes without a trace.
+if token ~= held or HAS_RESULT[current[1]] then
+  -- Deliberately the only writes of a refused report: the result is kept
+  -- as an event so nobody's work vanishes without a trace.
   local late = {'state', state}
   for i = 1, #set, 2 do
     if set[i] == 'objective_to_minimize' then
@@ -83,6 +94,10 @@ if token ~= held then
     end
   end
   emit(events, maxlen, 'late_report', id, worker_id, unpack(late))
+  if token == held then
+    remember(request, FINISHED .. ' ' .. current[1], request_ttl)
+    return already_reported(current[1])
+  end
   remember(request, REFUSED, request_ttl)
   return fail(E.NEPS_LEASE_LOST, id)
 end

@@ -126,6 +126,24 @@ def test_a_directory_moved_elsewhere_still_gets_relative_locations(redis_url, co
     assert trial.metadata.location == "configs/config_1_rung_0"
 
 
+def test_a_trial_s_location_is_its_folder_whatever_its_metadata_says(redis_url, copy):
+    # Given a folder whose metadata.json names another trial's folder (a
+    # folder copied by hand keeps its old text)
+    path = copy / "configs" / "config_1_rung_1" / "metadata.json"
+    metadata = json.loads(path.read_text())
+    metadata["location"] = metadata["location"].replace("1_rung_1", "2_rung_0")
+    metadata["previous_trial_location"] = "/elsewhere/configs/config_9"
+    path.write_text(json.dumps(metadata))
+
+    # When it is imported
+    import_run(copy, "moved", redis=redis_url)
+
+    # Then the stored locations are its own folder's and its previous trial's
+    trial = load(redis_url, "moved").lock_and_get_trial_by_id("1_rung_1")
+    assert trial.metadata.location == "configs/config_1_rung_1"
+    assert trial.metadata.previous_trial_location == "configs/config_1_rung_0"
+
+
 # --- corrupt input ---------------------------------------------------------------
 
 

@@ -26,7 +26,7 @@ from neps_redis import (
     Trial,
 )
 from neps_redis.connection import client_from_url
-from neps_redis.errors import WorkerLostError
+from neps_redis.errors import InvalidStateError, WorkerLostError
 from neps_redis.keys import RunKeys
 from neps_redis.leases import server_time_ms, sweep_expired
 from neps_redis.scripts import Scripts
@@ -333,6 +333,30 @@ def test_a_late_report_after_a_takeover_is_refused_recorded_and_never_stored(sta
     finish(other, current, worker_id="fast", objective=1.0)
     assert state.lock_and_get_trial_by_id(late.id).report.objective_to_minimize == 1.0
     assert [e["worker_id"] for e in events(r, "reported")] == ["fast"]
+
+
+def test_a_second_result_for_a_finished_trial_is_refused_and_recorded(state, r):
+    # Given a trial that has its result
+    state.lock_and_sample_trial(CountingRandomSearch(), worker_id="s")
+    trial = state.claim_next_pending_trial(worker_id="w")
+    finish(state, trial, worker_id="w", objective=1.0)
+    before = r.hgetall(KEYS.trial("1"))
+
+    # When a copy without a claim reports it again (a result saved later
+    # for the wrong trial, say)
+    again = state.lock_and_get_trial_by_id("1")
+    with pytest.raises(InvalidStateError, match="already has a result"):
+        finish(state, again, worker_id="late", objective=9.0)
+
+    # Then the first result stands, and the second is an event
+    assert r.hgetall(KEYS.trial("1")) == before
+    [event] = events(r, "late_report")
+    assert event["worker_id"] == "late" and event["objective_to_minimize"] == "9.0"
+    # and after a reset it may be evaluated and reported anew
+    state.lock_and_reset_trial_by_id("1")
+    trial = state.claim_next_pending_trial(worker_id="w")
+    finish(state, trial, worker_id="w", objective=2.0)
+    assert state.lock_and_get_trial_by_id("1").report.objective_to_minimize == 2.0
 
 
 def test_a_stale_copy_cannot_overwrite_a_trial_held_by_another_worker(state, r):

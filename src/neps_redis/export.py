@@ -342,6 +342,11 @@ def _absolute(location: str | None, root: Path) -> str | None:
     return str(root / location)
 
 
+def _trial_location(trial_id: str) -> str:
+    """A trial's location as Redis stores it: relative to the run directory."""
+    return f"configs/config_{trial_id}"
+
+
 def _relative(location: str | None) -> str | None:
     """A NePS location (``<root>/configs/config_<id>``) as Redis stores it
     (``configs/config_<id>``); any other form is kept as it is."""
@@ -997,8 +1002,16 @@ def _read_trial(folder: Path, root: Path) -> Trial:
     config = neps_files.read_config(config_path)
     report = None if report_path is None else neps_files.read_report(report_path)
 
-    metadata.location = _relative(metadata.location)  # type: ignore[assignment]
-    metadata.previous_trial_location = _relative(metadata.previous_trial_location)
+    # Where the trial's files are is its folder, whatever metadata.json says
+    # (a folder copied or renamed by hand keeps the old text); the same for
+    # the trial it continues.
+    metadata.location = _trial_location(trial_id)
+    metadata.previous_trial_location = (
+        None
+        if metadata.previous_trial_id is None
+        or metadata.previous_trial_location is None
+        else _trial_location(metadata.previous_trial_id)
+    )
     # NePS's files do not record a trial's source; only an import makes a
     # trial external, so that is what such a trial came from.
     source = "imported" if metadata.state == State.EXTERNAL else "run"

@@ -60,6 +60,7 @@ from neps_redis.connection import (
 from neps_redis.errors import (
     EncodingError,
     InvalidNameError,
+    InvalidStateError,
     LeaseLostError,
     NePSError,
     OptimizerInfoMismatchError,
@@ -1231,7 +1232,14 @@ class RedisNePSState:
         if the trial is no longer held under it (its lease expired and it was
         requeued, or it was reset or taken over), nothing is stored, the
         result is kept as a `late_report` event and LeaseLostError is raised.
-        A copy without a token reports only a trial that nobody holds.
+        A copy without a token reports only a trial that nobody holds and that
+        has no result yet.
+
+        Raises:
+            LeaseLostError: The trial is no longer held under the copy's token.
+            InvalidStateError: The trial already has a result (success, failed
+                or crashed); reset it first to evaluate it again. The refused
+                result is kept as a `late_report` event.
         """
         self._cache.forget(trial.id)
         trial.report = report
@@ -1285,6 +1293,15 @@ class RedisNePSState:
             logger.warning(
                 "Worker %r's report of trial %r in run %r was refused: its lease"
                 " was lost (expired or taken over); kept as a late_report event.",
+                worker_id,
+                trial.id,
+                self.run,
+            )
+            raise
+        except InvalidStateError:
+            logger.warning(
+                "Worker %r's report of trial %r in run %r was refused: the trial"
+                " already has a result; kept as a late_report event.",
                 worker_id,
                 trial.id,
                 self.run,
