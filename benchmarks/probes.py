@@ -24,6 +24,7 @@ import redis
 
 from benchmarks.workload import (
     MaxPlusOne,
+    NextIds,
     RedisLifecycle,
     complete,
     summarize,
@@ -231,10 +232,16 @@ def _within(spent_ns: int, budget_s: float, count: int) -> bool:
 
 
 def _time_steps(
-    state: RedisNePSState, *, ops: int, read_budget_s: float, sample_budget_s: float
+    state: RedisNePSState,
+    *,
+    ops: int,
+    read_budget_s: float,
+    sample_budget_s: float,
+    next_id: int,
 ) -> dict[str, Any]:
     """Time `ops` claims and reports of pending trials, a read-all after each
-    of them while the read budget lasts, then samples while theirs lasts.
+    of them while the read budget lasts, then samples while theirs lasts
+    (ids from `next_id` on).
 
     A trivial EVALSHA on the state's own connection goes before each claim
     and each sample: on a busy machine the floor moves, and a step is best
@@ -269,7 +276,7 @@ def _time_steps(
         )
         read()
 
-    optimizer = MaxPlusOne(SampledConfig)
+    optimizer = NextIds(SampledConfig, next_id)
     samples, own = [], []
     while _within(sum(samples), sample_budget_s, len(samples)) and len(samples) < ops:
         floor.append(_elapsed_ns(client.evalsha, sha, 0))
@@ -312,6 +319,7 @@ def measure_growth(
     exports["runs"] = []
 
     state = new_run(url, run)
+    admin = _client(url)
     next_id, total = 1, 0
     growth = []
     for size in sorted(sizes):
@@ -330,9 +338,18 @@ def measure_growth(
         logger.info(
             "Run grown to %d trials in %.1f s.", size, time.monotonic() - started
         )
+        # Growing the run doubles the append-only file, so the server
+        # rewrites it in a forked child; timing steps while that child and
+        # the parent's copy-on-write faults compete for two cores would
+        # measure the rewrite, which a run meets only when its file doubles.
+        _settled_memory(admin, timeout=600.0)
 
         steps = _time_steps(
-            state, ops=ops, read_budget_s=read_budget_s, sample_budget_s=sample_budget_s
+            state,
+            ops=ops,
+            read_budget_s=read_budget_s,
+            sample_budget_s=sample_budget_s,
+            next_id=next_id,
         )
         sampled = steps["sample"]["n"]
         next_id += sampled
@@ -373,6 +390,7 @@ def measure_growth(
                 export_changes,
             )
     state.close()
+    admin.close()
     return growth, exports
 
 

@@ -8,9 +8,11 @@ URL work on one run.
 
 from typing import Any
 
+from neps_redis.cache import TrialsView
 from neps_redis.errors import (
     EncodingError,
     InvalidNameError,
+    InvalidStateError,
     LeaseLostError,
     NePSError,
     RunNotFoundError,
@@ -57,6 +59,7 @@ __all__ = [
     "ErrDump",
     "ImportedConfig",
     "InvalidNameError",
+    "InvalidStateError",
     "LeaseLostError",
     "MetaData",
     "NePSError",
@@ -73,6 +76,7 @@ __all__ = [
     "Trial",
     "TrialAlreadyExistsError",
     "TrialNotFoundError",
+    "TrialsView",
     "UnsafeServerError",
     "__version__",
     "run",
