@@ -100,6 +100,20 @@ class TrialsView(Mapping[str, Trial]):
         return f"TrialsView({len(self._data)} trials)"
 
 
+def read_trial_hashes(
+    client: Any, keys: RunKeys, ids: list[str]
+) -> Iterator[tuple[str, dict[str, str] | None]]:
+    """Each trial's decoded hash (None where it is gone), in the order of
+    `ids`, read in pipelined chunks."""
+    for begin in range(0, len(ids), defaults.READ_CHUNK):
+        chunk = ids[begin : begin + defaults.READ_CHUNK]
+        pipe = client.pipeline(transaction=False)
+        for trial_id in chunk:
+            pipe.hgetall(keys.trial(trial_id))
+        for trial_id, raw in zip(chunk, pipe.execute(), strict=True):
+            yield trial_id, (decode_hash(raw) if raw else None)
+
+
 def _held_elsewhere(data: dict[str, Trial]) -> bool:
     """Whether anything but the copy itself refers to `data`: the caller's
     own name for it and the argument of getrefcount make two."""
@@ -213,26 +227,20 @@ class TrialCache:
             # A view handed out earlier still holds it: it stays as it is.
             self._trials = dict(self._trials)
         fetched: list[tuple[int, str, Trial]] = []
-        for begin in range(0, len(ids), defaults.READ_CHUNK):
-            chunk = ids[begin : begin + defaults.READ_CHUNK]
-            pipe = self._client.pipeline(transaction=False)
-            for trial_id in chunk:
-                pipe.hgetall(self._keys.trial(trial_id))
-            for trial_id, raw in zip(chunk, pipe.execute(), strict=True):
-                if not raw:
-                    self._drop(trial_id)
-                    continue
-                fields = decode_hash(raw)
-                seq = int(fields.get("seq", 0))
-                trial = fields_to_trial(fields)
-                if self._seq.get(trial_id) == seq:
-                    self._trials[trial_id] = trial  # keeps its place
-                    self._count_cost(trial_id, trial)
-                else:
-                    # New, or removed and created again under the same id:
-                    # its place in creation order is at the end.
-                    self._drop(trial_id)
-                    fetched.append((seq, trial_id, trial))
+        for trial_id, fields in read_trial_hashes(self._client, self._keys, ids):
+            if fields is None:
+                self._drop(trial_id)
+                continue
+            seq = int(fields.get("seq", 0))
+            trial = fields_to_trial(fields)
+            if self._seq.get(trial_id) == seq:
+                self._trials[trial_id] = trial  # keeps its place
+                self._count_cost(trial_id, trial)
+            else:
+                # New, or removed and created again under the same id: its
+                # place in creation order is at the end.
+                self._drop(trial_id)
+                fetched.append((seq, trial_id, trial))
         for seq, trial_id, trial in sorted(fetched, key=lambda item: item[0]):
             self._trials[trial_id] = trial
             self._seq[trial_id] = seq

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, overload
 
 from neps_redis import defaults
-from neps_redis.cache import TrialCache, TrialsView
+from neps_redis.cache import TrialCache, TrialsView, read_trial_hashes
 from neps_redis.codec import (
     METADATA_FIELDS,
     REPORT_FIELDS,
@@ -548,17 +548,13 @@ class RedisNePSState:
 
     def _read_trials(self, ids: Iterable[str]) -> dict[str, Trial]:
         """The trials with these ids, in the order given; missing ones skipped."""
-        ids = list(ids)
-        trials: dict[str, Trial] = {}
-        for start in range(0, len(ids), defaults.READ_CHUNK):
-            chunk = ids[start : start + defaults.READ_CHUNK]
-            pipe = self._client.pipeline(transaction=False)
-            for trial_id in chunk:
-                pipe.hgetall(self.keys.trial(trial_id))
-            for trial_id, raw in zip(chunk, pipe.execute(), strict=True):
-                if raw:
-                    trials[trial_id] = fields_to_trial(decode_hash(raw))
-        return trials
+        return {
+            trial_id: fields_to_trial(fields)
+            for trial_id, fields in read_trial_hashes(
+                self._client, self.keys, list(ids)
+            )
+            if fields is not None
+        }
 
     def lock_and_read_trials(self) -> TrialsView:
         """Every trial, by id in creation order, as a read-only mapping.
