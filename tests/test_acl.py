@@ -3,6 +3,7 @@ the lines `neps-redis acl` prints, and nothing else."""
 
 from __future__ import annotations
 
+import hashlib
 import shlex
 import threading
 import time
@@ -17,7 +18,13 @@ from click.testing import CliRunner
 from redis.exceptions import NoPermissionError
 
 from neps_redis import ImportedConfig, RedisNePSState, SampledConfig
-from neps_redis.acl import PASSWORD_PLACEHOLDER, acl_line, acl_rules, commands
+from neps_redis.acl import (
+    PASSWORD_PLACEHOLDER,
+    acl_line,
+    acl_rules,
+    commands,
+    default_user,
+)
 from neps_redis.check import inspect_run
 from neps_redis.cli import main
 from neps_redis.connection import describe_server
@@ -200,10 +207,11 @@ def test_the_acl_command_prints_lines_redis_cli_reads_back_with_a_placeholder() 
     # Then each line is one ACL SETUSER with the placeholder and the run's pattern
     assert result.exit_code == 0, result.output
     lines = result.output.strip().splitlines()
+    digest = hashlib.sha256(b"my run").hexdigest()[:12]
     assert [shlex.split(line)[2] for line in lines] == [
-        "neps-worker",
-        "neps-monitor",
-        "neps-exporter",
+        f"neps-worker-my_run-{digest}",
+        f"neps-monitor-my_run-{digest}",
+        f"neps-exporter-my_run-{digest}",
     ]
     for line in lines:
         words = shlex.split(line)
@@ -211,6 +219,27 @@ def test_the_acl_command_prints_lines_redis_cli_reads_back_with_a_placeholder() 
         assert f">{PASSWORD_PLACEHOLDER}" in words
         assert "~neps:{my run}:*" in words
     assert lines[0] == acl_line("my run", "worker")
+
+
+def test_runs_whose_names_are_not_plain_get_users_of_their_own() -> None:
+    # Given run names that are the same once made plain, or not plain at all
+    names = ["a b:c", "a b c", "a_b_c ", "ünï-☃", "☃", "✓"]
+
+    # When
+    users = [default_user(name, "worker") for name in names]
+
+    # Then no two runs share a user, and a plain name is the user's as it is
+    assert len(set(users)) == len(names)
+    assert all(u.startswith("neps-worker-") for u in users)
+    assert default_user("demo", "worker") == "neps-worker-demo"
+    assert default_user("a_b_c", "worker") == "neps-worker-a_b_c"
+
+
+def test_an_invalid_run_name_is_a_usage_error() -> None:
+    result = CliRunner().invoke(main, ["acl", "x{y}"])
+
+    assert result.exit_code == 2
+    assert "Run name 'x{y}' contains '{' or '}'" in result.stderr
 
 
 def test_the_acl_command_names_the_user_and_role_asked_for() -> None:

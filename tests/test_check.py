@@ -175,7 +175,7 @@ def test_check_exits_1_naming_every_violation(state, r, redis_url):
     assert result.exit_code == 1
     assert "violation: no_state_index: trial '4'" in result.output
     assert "violation: evaluating_without_lease: trial '3'" in result.output
-    assert "2 violation(s)" in result.output
+    assert "2 violations of" in result.output
 
 
 def test_check_json_is_one_document_and_keeps_the_exit_codes(state, r, redis_url):
@@ -197,7 +197,7 @@ def test_check_json_is_one_document_and_keeps_the_exit_codes(state, r, redis_url
     assert [(v["kind"], v["trial_id"]) for v in record["violations"]] == [
         ("no_state_index", "4")
     ]
-    assert "1 violation(s)" in broken.stderr
+    assert "1 violation of" in broken.stderr
 
 
 def test_reap_requeues_expired_trials_and_says_what_became_of_each(state, r, redis_url):

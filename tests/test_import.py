@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import pickle
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -605,7 +607,7 @@ def test_the_import_command_prints_what_it_stored(redis_url):
     assert result.exit_code == 0, result.output
     output = " ".join(result.output.split())
     assert "Imported" in output
-    assert "4 trials, 1 shared errors" in output
+    assert "4 trials, 1 shared error." in output
     assert "Note: optimizer_state.pkl was not read" in output
 
 
@@ -621,7 +623,7 @@ def test_the_import_command_names_the_corrupt_file_and_line_in_one_line(
     assert "Traceback" not in result.output
 
 
-def test_the_import_command_lists_what_it_skipped(redis_url, copy):
+def test_the_import_command_lists_what_it_skipped(redis_url, copy, caplog):
     torn_last_line(copy)
     result = CliRunner().invoke(
         import_command, [str(copy), "cli", "--redis", redis_url, "--skip-corrupt"]
@@ -629,3 +631,48 @@ def test_the_import_command_lists_what_it_skipped(redis_url, copy):
     assert result.exit_code == 0, result.output
     assert "Skipped (1)" in result.output
     assert ERRORS in result.output
+    # Once, in the table: not also as a warning of the log.
+    assert not [
+        record
+        for record in caplog.records
+        if record.levelno >= logging.WARNING and ERRORS in record.getMessage()
+    ]
+
+
+def test_the_import_command_into_an_existing_run_says_only_what_is_true_of_it(
+    redis_url,
+):
+    # Given a run of the directory's optimizer
+    info, _ = read_optimizer_info(SAMPLE / "optimizer_info.yaml")
+    RedisNePSState.create_or_load(
+        "running",
+        redis=redis_url,
+        optimizer_info=info,
+        optimizer_state=OptimizationState(
+            budget=None, seed_snapshot=SeedSnapshot.new_capture(), shared_state=None
+        ),
+    ).close()
+
+    # When the directory is imported into it, twice
+    added = CliRunner().invoke(
+        import_command,
+        [str(SAMPLE), "running", "--into-existing", "--redis", redis_url],
+    )
+    again = CliRunner().invoke(
+        import_command,
+        [str(SAMPLE), "running", "--into-existing", "--redis", redis_url],
+    )
+
+    # Then the first keeps the run's optimizer state and says nothing else
+    # of it; the second, whose ids are taken, names the run and the directory
+    assert added.exit_code == 0, added.output
+    output = " ".join(added.output.split())
+    assert "Optimizer state: the run's own, kept as it was" in output
+    assert "fresh optimizer state" not in output
+    assert "optimizer_state.pkl" not in output
+    assert again.exit_code == 1
+    assert re.match(
+        rf"Error: Trial '\w+' of {re.escape(str(SAMPLE))} exists already in run"
+        r" 'running'; nothing was imported\.",
+        again.stderr,
+    )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import threading
 import time
 
@@ -14,6 +15,7 @@ from click.testing import CliRunner
 
 from neps_redis import RedisNePSState
 from neps_redis.cli import main
+from neps_redis.errors import NePSError
 from tests.test_status_and_cli import Configs, build_mixed_run, evaluate, new_run
 
 
@@ -154,7 +156,36 @@ def test_show_of_an_unknown_trial_exits_1_naming_it(runner, redis_url, mixed_run
     result = invoke(runner, redis_url, "show", "mixed", "99")
 
     assert result.exit_code == 1
-    assert "Trial '99' not found" in result.stderr
+    assert "Trial '99' not found in run 'mixed'." in result.stderr
+
+
+def test_show_prints_a_report_s_extra_as_json(runner, redis_url):
+    # Given: a trial reported with extra values
+    state = new_run(redis_url, "extras")
+    state.lock_and_sample_trial(Configs({"x": 1}), worker_id="w")
+    trial = state.claim_next_pending_trial(worker_id="w")
+    report = trial.set_complete(
+        report_as="success",
+        time_end=time.time(),
+        objective_to_minimize=0.1,
+        cost=None,
+        learning_curve=None,
+        err=None,
+        tb=None,
+        extra={"validation_accuracy": 0.9, "note": "ok", "sizes": [1, 2]},
+        evaluation_duration=0.1,
+    )
+    state.lock_and_report_trial_evaluation(trial, report, worker_id="w")
+
+    # When
+    result = invoke(runner, redis_url, "show", "extras", "1")
+
+    # Then
+    assert result.exit_code == 0, result.output
+    # The cell may fold onto more lines of the table.
+    shown = re.sub(r"[\s│]", "", result.stdout)
+    assert 'extra{"validation_accuracy":0.9,"note":"ok","sizes":[1,2]}' in shown
+    assert "'validation_accuracy'" not in result.stdout
 
 
 def test_errors_lists_the_shared_errors_newest_last(runner, redis_url, mixed_run):
@@ -267,6 +298,16 @@ def test_watch_follows_the_results_reported_while_it_runs(runner, redis_url):
 # --- reset, remove, delete ---------------------------------------------------
 
 
+def test_reset_and_remove_of_an_unknown_trial_name_the_run(
+    runner, redis_url, mixed_run
+):
+    for command in ("reset", "remove"):
+        result = invoke(runner, redis_url, command, "mixed", "99")
+
+        assert result.exit_code == 1
+        assert result.stderr == "Error: Trial '99' not found in run 'mixed'.\n"
+
+
 def test_reset_puts_a_trial_back_to_pending(runner, redis_url, mixed_run):
     result = invoke(runner, redis_url, "reset", "mixed", "4")
 
@@ -284,7 +325,7 @@ def test_remove_deletes_a_trial_and_an_unknown_one_exits_1(
     assert removed.exit_code == 0, removed.output
     assert "1" not in mixed_run.all_trial_ids()
     assert again.exit_code == 1
-    assert "Trial '1' not found" in again.stderr
+    assert "Trial '1' not found in run 'mixed'" in again.stderr
 
 
 def test_delete_asks_first_and_deletes_every_key_of_the_run(runner, redis_url, r):
@@ -298,12 +339,14 @@ def test_delete_asks_first_and_deletes_every_key_of_the_run(runner, redis_url, r
     # When: the question is answered no, then yes
     declined = invoke(runner, redis_url, "delete", "doomed", input="n\n")
     assert declined.exit_code == 1
+    assert "Aborted!" in declined.stderr
+    assert "(1 trial)" in declined.stdout
     assert r.exists(state.keys.meta)
     accepted = invoke(runner, redis_url, "delete", "doomed", input="y\n")
 
     # Then
     assert accepted.exit_code == 0, accepted.output
-    assert "Run 'doomed' deleted: 1 trials." in accepted.stdout
+    assert "Run 'doomed' deleted: 1 trial." in accepted.stdout
     left = [k for k in r.scan_iter(match=state.keys.pattern) if b":request:" not in k]
     assert left == []
     assert r.exists(
@@ -317,8 +360,61 @@ def test_delete_of_a_run_with_a_live_worker_refuses_and_exits_1(
     result = invoke(runner, redis_url, "delete", "mixed", "--yes")
 
     assert result.exit_code == 1
-    assert "live workers" in result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[0] == "Error: Run 'mixed' has live workers, so it was not deleted:"
+    assert "worker 'b'" in lines[1] and "evaluating trial '5'" in lines[1]
+    assert "afresh" not in result.stderr
+    assert "neps-redis delete mixed --force" in result.stderr
     assert mixed_run.counts()
+
+
+def test_delete_with_force_takes_the_trials_from_live_workers_and_deletes(
+    runner, redis_url, r, mixed_run
+):
+    # Given: worker b evaluates trial 5 under a live lease
+    trial = mixed_run.lock_and_get_trial_by_id("5")
+    assert trial.metadata.state.value == "evaluating"
+
+    # When
+    result = invoke(runner, redis_url, "delete", "mixed", "--yes", "--force")
+
+    # Then: the run is gone, and the worker's report is refused
+    assert result.exit_code == 0, result.output
+    assert "took 1 trial from live workers (5)" in result.stderr
+    assert "Run 'mixed' deleted: 6 trials." in result.stdout
+    assert not r.exists(mixed_run.keys.meta)
+    report = trial.set_complete(
+        report_as="success",
+        time_end=time.time(),
+        objective_to_minimize=0.3,
+        cost=None,
+        learning_curve=None,
+        err=None,
+        tb=None,
+        extra=None,
+        evaluation_duration=0.1,
+    )
+    with pytest.raises(NePSError):
+        mixed_run.lock_and_report_trial_evaluation(trial, report, worker_id="b")
+    assert not r.exists(mixed_run.keys.meta)
+
+
+def test_delete_with_force_still_waits_for_a_worker_that_is_sampling(
+    runner, redis_url, r, mixed_run
+):
+    # Given: a worker holds the optimizer lease
+    token = mixed_run.take_optimizer_lease()
+    try:
+        # When
+        result = invoke(runner, redis_url, "delete", "mixed", "--yes", "--force")
+    finally:
+        mixed_run.release_optimizer_lease(token)
+
+    # Then
+    assert result.exit_code == 1
+    assert "a worker holds the optimizer lease (it is sampling)" in result.stderr
+    assert "Try again in a few seconds" in result.stderr
+    assert r.exists(mixed_run.keys.meta)
 
 
 def test_delete_of_an_unknown_run_exits_1(runner, redis_url):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Mapping
 
@@ -211,7 +212,7 @@ def test_status_prints_the_counts_the_best_config_and_the_workers(
     assert "Best trial 2: objective_to_minimize 0.2" in out
     assert "units" in out
     assert "idle" in out
-    assert "1 shared errors" in out
+    assert "1 shared error" in out and "1 shared errors" not in out
 
 
 def test_status_json_is_one_document_a_script_can_read(runner, redis_url, mixed_run):
@@ -274,6 +275,46 @@ def test_an_unreachable_server_is_one_line_without_the_password(runner, command)
         assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "foo://bar",
+        "redis://127.0.0.1:notaport/0",
+        "redis+cluster://no-port/",
+        "redis+sentinel://127.0.0.1:26379",
+    ],
+)
+def test_a_malformed_url_is_a_usage_error_in_one_line(runner, url):
+    result = runner.invoke(main, ["--redis", url, "status", "x"])
+
+    assert result.exit_code == 2
+    assert result.stderr.startswith("Error: Invalid ")
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_an_unknown_url_scheme_is_refused_naming_every_scheme(runner):
+    result = runner.invoke(main, ["--redis", "foo://bar", "status", "x"])
+
+    assert result.exit_code == 2
+    schemes = ["redis", "rediss", "unix", "redis+cluster", "rediss+cluster"]
+    schemes += ["redis+sentinel", "rediss+sentinel"]
+    listed = re.findall(r"([a-z+]+)://", result.stderr.split(": it must", 1)[1])
+    assert listed == schemes
+
+
+@pytest.mark.parametrize(
+    "run", ["x{y}", "a\tb", "x" * 201], ids=["braces", "tab", "201 characters"]
+)
+@pytest.mark.parametrize("command", ["status", "trials", "delete"])
+def test_an_invalid_run_name_is_a_usage_error(runner, redis_url, run, command):
+    args = ["--redis", redis_url, command, run]
+    result = runner.invoke(main, [*args, "--yes"] if command == "delete" else args)
+
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("Error: Run name ")
+    assert len(result.stderr.splitlines()) == 1
+
+
 def test_debug_shows_the_traceback_instead(runner):
     package_logger = logging.getLogger("neps_redis")
     level = package_logger.level
@@ -325,8 +366,11 @@ def test_the_embedded_server_commands_start_report_and_stop_it(
 ):
     monkeypatch.setenv(HOME_ENV, str(tmp_path / "home"))
     try:
-        # Not running yet
+        # Not running yet: `url` and `status` both say so with exit code 1
         assert runner.invoke(main, ["server", "url"]).exit_code == 1
+        not_running = runner.invoke(main, ["server", "status"])
+        assert not_running.exit_code == 1
+        assert "no" in not_running.stdout
 
         # Started
         started = runner.invoke(main, ["server", "start"])
@@ -335,6 +379,7 @@ def test_the_embedded_server_commands_start_report_and_stop_it(
         assert url in started.stdout
         assert runner.invoke(main, ["server", "url"]).stdout.strip() == url
         status = runner.invoke(main, ["server", "status"])
+        assert status.exit_code == 0, status.output
         assert "yes" in status.stdout
 
         # Stopped

@@ -17,7 +17,9 @@ from click.testing import CliRunner
 
 from neps_redis import BudgetInfo, OptimizationState, RedisNePSState, SeedSnapshot
 from neps_redis.cli import main
+from neps_redis.demo import OPTIMIZER_NAME, SEARCH_SPACE
 from neps_redis.keys import RunKeys
+from neps_redis.server import free_port
 
 # Generous: a worker evaluates its share in a few seconds; a hang must
 # fail, not block.
@@ -207,3 +209,203 @@ def test_a_worker_given_bad_arguments_exits_2(args):
 
     assert result.exit_code == 2
     assert "Usage:" in result.stderr
+
+
+# --- the run's budget and seed -----------------------------------------------
+
+
+def _run_without_budget(redis_url: str, run: str) -> None:
+    """A run of the demo's search as the library or `import` makes it: no
+    evaluation budget."""
+    RedisNePSState.create_or_load(
+        run,
+        redis=redis_url,
+        optimizer_info={"name": OPTIMIZER_NAME, "info": {"space": SEARCH_SPACE}},
+        optimizer_state=OptimizationState(
+            budget=None, seed_snapshot=SeedSnapshot.new_capture(), shared_state=None
+        ),
+    ).close()
+
+
+def _budget(redis_url: str, run: str) -> int | None:
+    state = RedisNePSState.create_or_load(run, redis=redis_url, load_only=True)
+    with state:
+        return state.lock_and_get_global_budgets()[0]
+
+
+def test_a_worker_refuses_a_run_without_a_budget_unless_given_one(redis_url, tmp_path):
+    # Given
+    _run_without_budget(redis_url, "unbounded")
+
+    # When: a worker joins it without --budget, then one with it
+    refused = finish(
+        start_worker(
+            "worker", "unbounded", "--redis", redis_url,
+            "--workdir", str(tmp_path / "a"),
+        )
+    )  # fmt: skip
+    given = finish(
+        start_worker(
+            "worker", "unbounded", "--redis", redis_url, "--budget", "2",
+            "--workdir", str(tmp_path / "b"),
+        )
+    )  # fmt: skip
+
+    # Then: the first exits 1 in one line, the second sets the budget
+    code, out, err = refused
+    assert code == 1
+    assert out == ""
+    assert err.splitlines() == [
+        "Error: Run 'unbounded' has no evaluation budget (it was imported, or made"
+        " by the library), so its workers would never stop: give one with"
+        " --budget N."
+    ]
+    code, out, err = given
+    assert code == 0, err
+    assert "Run 'unbounded': evaluation budget set to 2." in err
+    assert "finished 2 of 2" in out
+    assert "None" not in out + err
+    assert _budget(redis_url, "unbounded") == 2
+
+
+def test_a_worker_raises_the_run_s_budget_with_a_notice_and_never_lowers_it(
+    redis_url, tmp_path
+):
+    # Given: a run of budget 1, spent
+    first = start_worker(
+        "worker", "growing", "--redis", redis_url, "--budget", "1",
+        "--workdir", str(tmp_path / "a"),
+    )  # fmt: skip
+    assert finish(first)[0] == 0
+
+    # When: a worker raises the budget to 2, then one asks for 1
+    raised = finish(
+        start_worker(
+            "worker", "growing", "--redis", redis_url, "--budget", "2",
+            "--workdir", str(tmp_path / "b"),
+        )
+    )  # fmt: skip
+    lowered = finish(
+        start_worker(
+            "worker", "growing", "--redis", redis_url, "--budget", "1",
+            "--workdir", str(tmp_path / "c"),
+        )
+    )  # fmt: skip
+
+    # Then
+    code, out, err = raised
+    assert code == 0, err
+    assert "Run 'growing': evaluation budget raised from 1 to 2.\n" in err
+    assert "finished 2 of 2" in out
+    code, out, err = lowered
+    assert code == 2
+    assert out == ""
+    assert err.splitlines() == [
+        "Error: Run 'growing' has an evaluation budget of 2 and holds 2 trials;"
+        " --budget 1 would lower it, and a run's budget is only ever raised:"
+        " give --budget 2 or more, or leave --budget out."
+    ]
+    assert _budget(redis_url, "growing") == 2
+
+
+def test_a_worker_given_another_seed_than_the_run_s_says_the_run_keeps_its_own(
+    redis_url, tmp_path
+):
+    # Given
+    first = start_worker(
+        "worker", "seeded", "--redis", redis_url, "--budget", "1", "--seed", "5",
+        "--workdir", str(tmp_path / "a"),
+    )  # fmt: skip
+    assert finish(first)[0] == 0
+
+    # When
+    code, _, err = finish(
+        start_worker(
+            "worker", "seeded", "--redis", redis_url, "--seed", "7",
+            "--workdir", str(tmp_path / "b"),
+        )
+    )  # fmt: skip
+    _, _, quiet = finish(
+        start_worker(
+            "worker", "seeded", "--redis", redis_url,
+            "--workdir", str(tmp_path / "c"),
+        )
+    )  # fmt: skip
+
+    # Then
+    assert code == 0, err
+    assert (
+        "Run 'seeded' keeps the seed it was created with (5); seed 7 was not used."
+    ) in err
+    assert "keeps the seed" not in quiet
+
+
+# --- a server that is not up yet ---------------------------------------------
+
+
+def test_a_worker_started_before_its_server_waits_for_it(start_server, tmp_path):
+    # Given: a worker that found no server, and said it waits for one
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    worker = start_worker(
+        "worker", "late", "--redis", url, "--budget", "1",
+        "--workdir", str(tmp_path),
+    )  # fmt: skip
+    said = worker.stderr.readline()
+
+    # When its server starts a second later
+    time.sleep(1)
+    start_server(port=port)
+    code, out, err = finish(worker)
+
+    # Then it said so once, and then did its work
+    assert said == (
+        f"The Redis server at {url} does not answer yet; waiting up to 60 s for it.\n"
+    )
+    assert code == 0, err
+    assert "does not answer yet" not in err
+    assert "finished 1 of 1" in out
+
+
+def test_a_worker_whose_server_never_answers_exits_1_after_its_wait(tmp_path):
+    # Given
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    started = time.monotonic()
+
+    # When
+    code, _, err = finish(
+        start_worker(
+            "worker", "alone", "--redis", url, "--wait-for-server", "1",
+            "--workdir", str(tmp_path),
+        )
+    )  # fmt: skip
+
+    # Then
+    assert code == 1
+    assert "waiting up to 1 s" in err
+    assert f"Error: Cannot reach the Redis server at {url}" in err
+    assert time.monotonic() - started < 30
+
+
+@pytest.mark.parametrize(
+    ("run", "url", "message"),
+    [
+        ("fine", "foo://bar", "Invalid Redis URL 'foo://bar'"),
+        ("x{y}", None, "Run name 'x{y}' contains '{' or '}'"),
+    ],
+    ids=["bad url", "bad run name"],
+)
+def test_a_worker_given_a_malformed_url_or_run_name_exits_2(
+    redis_url, tmp_path, run, url, message
+):
+    code, out, err = finish(
+        start_worker(
+            "worker", run, "--redis", url or redis_url, "--budget", "1",
+            "--workdir", str(tmp_path),
+        )
+    )  # fmt: skip
+
+    assert code == 2
+    assert out == ""
+    assert err.startswith(f"Error: {message}")
+    assert len(err.splitlines()) == 1

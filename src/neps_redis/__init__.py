@@ -11,8 +11,10 @@ from typing import Any
 from neps_redis.cache import TrialsView
 from neps_redis.errors import (
     EncodingError,
+    InvalidArgumentError,
     InvalidNameError,
     InvalidStateError,
+    InvalidURLError,
     LeaseLostError,
     NePSError,
     RunNotFoundError,
@@ -58,8 +60,10 @@ __all__ = [
     "EncodingError",
     "ErrDump",
     "ImportedConfig",
+    "InvalidArgumentError",
     "InvalidNameError",
     "InvalidStateError",
+    "InvalidURLError",
     "LeaseLostError",
     "MetaData",
     "NePSError",

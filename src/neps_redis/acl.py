@@ -20,6 +20,7 @@ This module never sees a password: the lines carry a placeholder.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Any
 
@@ -112,6 +113,14 @@ _ROLE_COMMANDS: dict[str, tuple[str, ...]] = {
 
 _PLAIN = re.compile(r"[A-Za-z0-9_.:+~%|<>*{}\[\]@=/-]+")
 
+# A run name that is a user name as it is, and what is replaced in others.
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_NOT_PLAIN = re.compile(r"[^A-Za-z0-9_.-]+")
+# How much of a replaced name a user name keeps, and of its hash: 12 hex
+# digits (48 bits) make two run names sharing a user practically never.
+_PLAIN_PART = 40
+_HASH_CHARS = 12
+
 
 def _supports(server: Any, *, redis: tuple[int, ...], valkey: tuple[int, ...]) -> bool:
     if server is None:
@@ -140,10 +149,18 @@ def commands(role: str, server: Any = None) -> list[str]:
 
 
 def default_user(run: str, role: str) -> str:
-    """``neps-<role>-<run>`` when the run's name is plain, else ``neps-<role>``."""
-    if re.fullmatch(r"[A-Za-z0-9_.-]+", run):
+    """``neps-<role>-<run>`` when the run's name is plain (letters, digits,
+    ``_.-``), else ``neps-<role>-<the name made plain>-<hash of the name>``.
+
+    The hash keeps the users of two runs apart whose names differ only in
+    characters that were replaced (``a b`` and ``a:b``), so that one run's
+    ``ACL SETUSER ... reset`` never rewrites another run's user.
+    """
+    if _PLAIN_NAME.fullmatch(run):
         return f"neps-{role}-{run}"
-    return f"neps-{role}"
+    plain = _NOT_PLAIN.sub("_", run)[:_PLAIN_PART].strip("_.-")
+    digest = hashlib.sha256(run.encode()).hexdigest()[:_HASH_CHARS]
+    return f"neps-{role}-{plain}-{digest}" if plain else f"neps-{role}-{digest}"
 
 
 def acl_rules(run: str, role: str, *, server: Any = None) -> list[str]:

@@ -1,20 +1,24 @@
 """The ``neps-redis`` command: the demo and its worker, a run's status, the
 embedded server.
 
-Errors a person can fix (no server, no such run, a bad URL) end the command
-with one readable line and exit code 1; ``--debug`` shows the traceback
-instead. No output of this module ever holds a password: every URL shown
-goes through `redact_url`.
+Errors a person can fix (no server, no such run) end the command with one
+readable line and exit code 1, a refused argument (a bad URL, run name or
+budget) with exit code 2; ``--debug`` shows the traceback instead. No
+output of this module ever holds a password: every URL shown goes through
+`redact_url`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib.util
 import logging
 import tempfile
+import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +26,9 @@ from typing import Any
 import click
 from click.core import ParameterSource
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 from rich.console import Console, Group
 from rich.table import Table
@@ -35,18 +41,28 @@ from neps_redis.cli_export import _redis_option, export_command, import_command
 from neps_redis.cli_output import (
     URL_META,
     Column,
+    authentication_failed,
+    click_error,
+    counted,
     echo_json,
     fitted_table,
     plain_warnings,
-    readable,
 )
 from neps_redis.cli_runs import COMMANDS as RUN_COMMANDS
 from neps_redis.cli_runs import _short
-from neps_redis.connection import URL_ENV, client_from_url, redact_url, resolve_url
+from neps_redis.connection import (
+    URL_ENV,
+    client_from_url,
+    redact_url,
+    resolve_url,
+    tls_failure,
+)
 from neps_redis.demo import (
     DEFAULT_BUDGET,
     DEFAULT_SEED,
     DEFAULT_WORKERS,
+    BudgetLoweredError,
+    NoBudgetError,
     StopSignals,
     WorkerFailedError,
     WorkerStopped,
@@ -58,7 +74,7 @@ from neps_redis.demo import (
     run_demo,
     run_directory,
 )
-from neps_redis.errors import NePSError
+from neps_redis.errors import InvalidArgumentError, NePSError
 from neps_redis.model import Report, State, Trial
 from neps_redis.server import EmbeddedServer
 from neps_redis.state import RedisNePSState
@@ -68,6 +84,12 @@ logger = logging.getLogger(__name__)
 
 # A mistyped URL should fail at once, not after the client's retries.
 _PROBE_TIMEOUT = 2.0
+
+# How long `worker` waits for a server that does not answer yet, by
+# default: a job's tasks may start before its server is up. The pause
+# between tries is short because a refused connection fails at once.
+DEFAULT_SERVER_WAIT = 60.0
+_SERVER_WAIT_PAUSE = 0.5
 
 
 @dataclass
@@ -80,8 +102,9 @@ class _Settings:
 
 
 class _Cli(click.Group):
-    """Turns the errors a person can act on into one line and exit code 1,
-    and warnings into one ``warning:`` line each."""
+    """Turns the errors a person can act on into one line and exit code 1
+    (2 for a refused argument: a bad URL, run name or budget), and warnings
+    into one ``warning:`` line each."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -95,7 +118,7 @@ class _Cli(click.Group):
             # group's, else the default order.
             url = settings.url or ctx.meta.get(URL_META)
             url = url or resolve_url(settings.redis_url)
-            raise click.ClickException(readable(error, url)) from None
+            raise click_error(error, url) from None
 
 
 def _probe(url: str) -> None:
@@ -162,6 +185,40 @@ def _redis_here(command: Any) -> Any:
 # --- demo ------------------------------------------------------------------
 
 
+_seed_option = click.option(
+    "--seed",
+    type=click.IntRange(0, 2**32 - 1),
+    help=(
+        "Seed of a new run's random number generators; a run that exists"
+        f" keeps its own. [default: {DEFAULT_SEED}]"
+    ),
+)
+
+
+def _notice(message: str) -> None:
+    click.echo(message, err=True)
+
+
+@contextlib.contextmanager
+def _budget_refusals(run: str, budget: int | None) -> Iterator[None]:
+    """The demo's budget errors, said in the command line's words."""
+    try:
+        yield
+    except NoBudgetError:
+        raise NePSError(
+            f"Run '{run}' has no evaluation budget (it was imported, or made by"
+            " the library), so its workers would never stop: give one with"
+            " --budget N."
+        ) from None
+    except BudgetLoweredError as error:
+        raise InvalidArgumentError(
+            f"Run '{run}' has an evaluation budget of {error.budget} and holds"
+            f" {counted(error.evaluated, 'trial')}; --budget {budget} would lower"
+            f" it, and a run's budget is only ever raised: give --budget"
+            f" {error.budget} or more, or leave --budget out."
+        ) from None
+
+
 def _server_for_demo(settings: _Settings) -> str:
     """The URL the demo uses; starts the embedded server if nothing else is
     configured or answering."""
@@ -204,9 +261,11 @@ def _server_for_demo(settings: _Settings) -> str:
 @click.option(
     "--budget",
     type=click.IntRange(min=1),
-    default=DEFAULT_BUDGET,
-    show_default=True,
-    help="Trials to evaluate in all.",
+    help=(
+        "Trials to evaluate in all; more than an existing run's budget raises"
+        " it, less is refused."
+        f" [default: {DEFAULT_BUDGET} for a new run, else the run's]"
+    ),
 )
 @click.option("--run", "run", metavar="NAME", help="Run name [default: demo-<time>].")
 @click.option(
@@ -214,21 +273,15 @@ def _server_for_demo(settings: _Settings) -> str:
     type=click.Path(file_okay=False, path_type=Path),
     help="Where the workers' directories go [default: a new temporary directory].",
 )
-@click.option(
-    "--seed",
-    type=click.IntRange(0, 2**32 - 1),
-    default=DEFAULT_SEED,
-    show_default=True,
-    help="Seed of the run's random number generators.",
-)
+@_seed_option
 @click.pass_obj
 def demo(
     settings: _Settings,
     workers: int,
-    budget: int,
+    budget: int | None,
     run: str | None,
     workdir: Path | None,
-    seed: int,
+    seed: int | None,
 ) -> None:
     """Tune a small neural network with WORKERS processes sharing one run.
 
@@ -242,21 +295,22 @@ def demo(
     if workdir is None:
         workdir = Path(tempfile.mkdtemp(prefix="neps-redis-demo-"))
     click.echo(
-        f"Run '{run}': {workers} workers, budget {budget}, seed {seed};"
-        f" worker directories in {workdir}.",
+        f"Run '{run}': {counted(workers, 'worker')}; worker directories in {workdir}.",
         err=True,
     )
 
     try:
-        summary = run_demo(
-            redis_url=settings.url,
-            run=run,
-            workers=workers,
-            budget=budget,
-            seed=seed,
-            workdir=workdir,
-            console=Console(stderr=True),
-        )
+        with _budget_refusals(run, budget):
+            summary = run_demo(
+                redis_url=settings.url,
+                run=run,
+                workers=workers,
+                budget=budget,
+                seed=seed,
+                workdir=workdir,
+                console=Console(stderr=True),
+                notify=_notice,
+            )
     except WorkerFailedError as error:
         _print_summary(error.summary)
         raise
@@ -273,8 +327,8 @@ def demo(
     "--budget",
     type=click.IntRange(min=1),
     help=(
-        "The run's evaluation budget, for all its workers together; it becomes"
-        " the budget of a run that exists."
+        "The run's evaluation budget, for all its workers together; more than"
+        " the budget of a run that exists raises it, less is refused."
         f" [default: {DEFAULT_BUDGET} for a new run, else the run's]"
     ),
 )
@@ -283,12 +337,15 @@ def demo(
     type=click.Path(file_okay=False, path_type=Path),
     help="Where the worker's directory goes [default: a new temporary directory].",
 )
+@_seed_option
 @click.option(
-    "--seed",
-    type=click.IntRange(0, 2**32 - 1),
-    default=DEFAULT_SEED,
+    "--wait-for-server",
+    "wait_seconds",
+    type=click.FloatRange(min=0),
+    default=DEFAULT_SERVER_WAIT,
     show_default=True,
-    help="Seed of the run's random number generators, if this worker creates it.",
+    metavar="SECONDS",
+    help="How long to wait for the server to answer before giving up.",
 )
 @click.pass_obj
 def worker(
@@ -296,21 +353,26 @@ def worker(
     run: str,
     budget: int | None,
     workdir: Path | None,
-    seed: int,
+    seed: int | None,
+    wait_seconds: float,
 ) -> None:
     """Be one worker of the demo's search in RUN, until its budget is spent.
 
     RUN is created if it does not exist and joined if it does, so any number
     of workers may start at once, on any machine that reaches the server.
+    A worker started before its server waits for it (--wait-for-server).
     Prints a line per trial it evaluated, then what it did. Ctrl-C
     or SIGTERM stops it; the trial it was evaluating goes back to pending.
-    Exit code 0 when the budget is spent, 130 or 143 when stopped by Ctrl-C
-    or SIGTERM.
+    Exit code 0 when the budget is spent, 1 when the run has no budget and
+    none is given, 2 when --budget is below the run's, 130 or 143 when
+    stopped by Ctrl-C or SIGTERM.
     """
     stop = StopSignals()
     stop.install()
     try:
-        _work_in_foreground(settings, run, budget, workdir, seed, stop)
+        _work_in_foreground(
+            settings, run, budget, workdir, seed, stop, wait_seconds=wait_seconds
+        )
     except WorkerStopped as stopped:
         click.get_current_context().exit(stopped.exit_code)
 
@@ -320,8 +382,10 @@ def _work_in_foreground(
     run: str,
     budget: int | None,
     workdir: Path | None,
-    seed: int,
+    seed: int | None,
     stop: StopSignals,
+    *,
+    wait_seconds: float,
 ) -> None:
     if importlib.util.find_spec("sklearn") is None:
         raise NePSError(
@@ -331,12 +395,16 @@ def _work_in_foreground(
     # Never the embedded server by default, as the demo would start: a
     # worker with no URL set on a cluster node would search alone.
     settings.url = resolve_url(settings.redis_url)
-    _probe(settings.url)
+    _wait_for_server(settings.url, wait_seconds)
     limit_blas_threads()
     if workdir is None:
         workdir = Path(tempfile.mkdtemp(prefix="neps-redis-worker-"))
 
-    with create_or_join(run, redis_url=settings.url, budget=budget, seed=seed) as state:
+    with _budget_refusals(run, budget):
+        state = create_or_join(
+            run, redis_url=settings.url, budget=budget, seed=seed, notify=_notice
+        )
+    with state:
         worker_id, directory = register_worker(state, run_directory(workdir, run))
         click.echo(
             f"Run '{run}' at {redact_url(settings.url)}: worker {worker_id},"
@@ -373,6 +441,30 @@ def _work_in_foreground(
         _echo_worker_summary(state, worker_id, evaluated)
 
 
+def _wait_for_server(url: str, seconds: float) -> None:
+    """Return once the server at `url` answers, trying for `seconds`: the
+    tasks of a job often start before its server. A refused password or
+    certificate, or a server still silent at the end, raises the error."""
+    deadline = time.monotonic() + seconds
+    waiting = False
+    while True:
+        try:
+            _probe(url)
+            return
+        except (RedisConnectionError, RedisTimeoutError) as error:
+            refused = authentication_failed(error) or tls_failure(error, "") is not None
+            if refused or time.monotonic() >= deadline:
+                raise
+            if not waiting:
+                waiting = True
+                click.echo(
+                    f"The Redis server at {redact_url(url)} does not answer yet;"
+                    f" waiting up to {seconds:g} s for it.",
+                    err=True,
+                )
+        time.sleep(max(0.0, min(_SERVER_WAIT_PAUSE, deadline - time.monotonic())))
+
+
 def _echo_worker_summary(
     state: RedisNePSState, worker_id: str, evaluated: Counter[str]
 ) -> None:
@@ -380,11 +472,12 @@ def _echo_worker_summary(
     summary = summarize(state)
     # Other workers may still be evaluating the last trials of the budget.
     others = summary.counts[State.EVALUATING.value]
+    budget = summary.evaluation_budget
+    of_budget = f" of {budget}" if budget is not None else ""
     click.echo(
-        f"Worker {worker_id} evaluated {evaluated.total()}"
-        f" trial{'' if evaluated.total() == 1 else 's'}"
+        f"Worker {worker_id} evaluated {counted(evaluated.total(), 'trial')}"
         f"{f' ({done})' if done else ''}. Run '{state.run}': finished"
-        f" {summary.finished} of {summary.evaluation_budget}"
+        f" {summary.finished}{of_budget}"
         f"{f', {others} evaluating' if others else ''}."
     )
 
@@ -505,7 +598,9 @@ def _workers_table(summary: RunSummary, console: Console) -> Table:
 def _print_summary(summary: RunSummary) -> None:
     budget = summary.evaluation_budget
     progress = f"{summary.finished} of {budget}" if budget else str(summary.finished)
-    used = f"Finished {progress} trials."
+    # "1 of 10 trials", but "1 trial".
+    noun = "trials" if budget or summary.finished != 1 else "trial"
+    used = f"Finished {progress} {noun}."
     if budget:
         used += f" Evaluation budget used: {100 * summary.finished / budget:.0f} %."
     if summary.cost_budget:
@@ -523,12 +618,13 @@ def _print_summary(summary: RunSummary) -> None:
         Text(""),
         _heading(
             f"Workers: {summary.registered_workers} registered,"
-            f" {summary.shared_errors} shared errors"
+            f" {counted(summary.shared_errors, 'shared error')}"
         ),
         _workers_table(summary, console),
     ]
     if summary.recent_errors:
-        lines.append(_heading(f"Latest {len(summary.recent_errors)} shared errors"))
+        latest = counted(len(summary.recent_errors), "shared error")
+        lines.append(_heading(f"Latest {latest}"))
         lines += [Text(f"  {line}") for line in summary.recent_errors]
     console.print(Group(*lines))
 
@@ -569,10 +665,11 @@ def check(settings: _Settings, run: str, as_json: bool) -> None:
             click.echo(f"violation: {violation}")
     if not result.ok:
         raise click.ClickException(
-            f"Run '{run}': {len(result.violations)} violation(s) of its invariants."
+            f"Run '{run}': {counted(len(result.violations), 'violation')} of its"
+            " invariants."
         )
     if not as_json:
-        click.echo(f"Run '{run}': {result.trials} trials, no violations.")
+        click.echo(f"Run '{run}': {counted(result.trials, 'trial')}, no violations.")
 
 
 @main.command()
@@ -630,14 +727,18 @@ def server_stop() -> None:
 
 @server.command("status")
 def server_status() -> None:
-    """Show whether the embedded server runs, where, and how big its data is."""
+    """Show whether the embedded server runs, where, and how big its data
+    is; exit code 1 when it is not running, as for `server url`."""
+    info = EmbeddedServer().status()
     table = Table(show_header=False, box=None)
     table.add_column(style="bold")
     table.add_column(overflow="fold")
-    for name, value in EmbeddedServer().status().items():
+    for name, value in info.items():
         shown = ("yes" if value else "no") if isinstance(value, bool) else value
         table.add_row(name, "-" if shown is None else str(shown))
     Console(highlight=False).print(table)
+    if not info["running"]:
+        click.get_current_context().exit(1)
 
 
 @server.command("url")

@@ -11,6 +11,7 @@ import click
 
 from neps_redis.acl import ROLES, acl_line
 from neps_redis.cli_export import _one_line_errors, _redis_option, _url
+from neps_redis.cli_output import UsageFailure
 from neps_redis.connection import client_from_url, describe_server
 from neps_redis.keys import validate_run_name
 
@@ -24,7 +25,11 @@ from neps_redis.keys import validate_run_name
     help="The role to print (repeatable) [default: all three].",
 )
 @click.option(
-    "--user", metavar="NAME", help="The user's name [default: neps-<role>-<run>]."
+    "--user",
+    metavar="NAME",
+    help="The user's name [default: neps-<role>-<run>, with a hash of the run"
+    " name added when the name has characters other than letters, digits and"
+    " _.-].",
 )
 @click.option(
     "--for-server",
@@ -49,7 +54,7 @@ def acl_command(
     try:
         validate_run_name(run)
     except ValueError as error:
-        raise click.ClickException(str(error)) from None
+        raise UsageFailure(str(error)) from None
     server = None
     if for_server:
         url = _url(redis_url)

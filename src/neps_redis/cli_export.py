@@ -4,8 +4,9 @@ They are attached to the ``neps-redis`` group with one line each
 (``main.add_command(export_command)``); standing alone they work too. The
 server is the command's own ``--redis``, else the group's ``--redis``, else
 NEPS_REDIS_URL, else the embedded server or the local default. Errors a
-person can fix end the command with one line and exit code 1; no output
-holds a password.
+person can fix end the command with one line and exit code 1 (2 for a
+refused argument, such as a bad URL or run name); no output holds a
+password.
 """
 
 from __future__ import annotations
@@ -21,9 +22,15 @@ from redis.exceptions import RedisError
 from rich.console import Console
 from rich.table import Table
 
-from neps_redis.cli_output import URL_META, plain_warnings, progress_bar, readable
+from neps_redis.cli_output import (
+    URL_META,
+    click_error,
+    counted,
+    plain_warnings,
+    progress_bar,
+)
 from neps_redis.connection import URL_ENV, resolve_url
-from neps_redis.errors import NePSError, RunExistsError
+from neps_redis.errors import NePSError, RunExistsError, TrialAlreadyExistsError
 from neps_redis.export import (
     DEFAULT_KEEP,
     ExportResult,
@@ -64,10 +71,8 @@ def _one_line_errors(url: str) -> Iterator[None]:
     try:
         with plain_warnings():
             yield
-    except NePSError as error:
-        raise click.ClickException(str(error)) from None
-    except RedisError as error:
-        raise click.ClickException(readable(error, url)) from None
+    except (NePSError, RedisError) as error:
+        raise click_error(error, url) from None
 
 
 _quiet_option = click.option(
@@ -81,10 +86,11 @@ _quiet_option = click.option(
 def _export_line(result: ExportResult) -> str:
     consistent = "" if result.consistent else " (the run kept changing: see the log)"
     return (
-        f"{result.directory} -> {result.snapshot.name}: {result.trials:,} trials"
-        f" ({result.encoded:,} encoded), {result.files_written:,} files written,"
-        f" {result.files_linked:,} linked, {result.errors:,} shared errors,"
-        f" {result.seconds:.2f} s{consistent}"
+        f"{result.directory} -> {result.snapshot.name}:"
+        f" {counted(result.trials, 'trial')} ({result.encoded:,} encoded),"
+        f" {counted(result.files_written, 'file')} written,"
+        f" {result.files_linked:,} linked,"
+        f" {counted(result.errors, 'shared error')}, {result.seconds:.2f} s{consistent}"
     )
 
 
@@ -165,10 +171,19 @@ def export_command(
             console.print("Stopped.")
 
 
+# What `ImportResult.optimizer_state` means, for the import's report.
+_STATE_SOURCES = {
+    "imported": "imported from optimizer_state.pkl",
+    "fresh": "fresh (new RNG snapshot, no budget, no shared state)",
+    "kept": "the run's own, kept as it was",
+}
+
+
 def _import_report(result: ImportResult, console: Console) -> None:
     console.print(
         f"Imported {result.directory} into run '{result.run}':"
-        f" {result.trials:,} trials, {result.errors:,} shared errors."
+        f" {counted(result.trials, 'trial')},"
+        f" {counted(result.errors, 'shared error')}."
     )
     table = Table()
     table.add_column("state")
@@ -178,7 +193,7 @@ def _import_report(result: ImportResult, console: Console) -> None:
     console.print(table)
     workers = ", ".join(result.worker_ids) or "none"
     console.print(f"Worker ids: {workers}")
-    console.print(f"Optimizer state: {result.optimizer_state}")
+    console.print(f"Optimizer state: {_STATE_SOURCES[result.optimizer_state]}")
     if result.skipped:
         skipped = Table(title=f"Skipped ({len(result.skipped)})", title_justify="left")
         skipped.add_column("file")
@@ -246,5 +261,11 @@ def import_command(
             raise click.ClickException(
                 f"Run '{run}' exists already; import into a new run name, or pass"
                 " --into-existing to add the directory's trials to it."
+            ) from None
+        except TrialAlreadyExistsError as error:
+            raise click.ClickException(
+                f"Trial '{error.trial_id}' of {directory} exists already in run"
+                f" '{run}'; nothing was imported. Trial ids must be new to the"
+                " run: import into a new run name instead."
             ) from None
     _import_report(result, Console(highlight=False, soft_wrap=True, quiet=quiet))

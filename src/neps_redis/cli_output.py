@@ -37,6 +37,7 @@ from rich.table import Table
 
 from neps_redis import defaults
 from neps_redis.connection import redact_text, redact_url, tls_failure
+from neps_redis.errors import InvalidArgumentError
 
 # Where a command records the URL it settled on, in click's context meta
 # (shared by a group and its commands), so that an error names the server.
@@ -46,7 +47,7 @@ URL_META = "neps_redis.url"
 # --- errors ----------------------------------------------------------------
 
 
-def _authentication_failed(error: BaseException) -> bool:
+def authentication_failed(error: BaseException) -> bool:
     cause: BaseException | None = error
     while cause is not None:
         if isinstance(cause, AuthenticationError):
@@ -61,7 +62,7 @@ def readable(error: Exception, url: str | None) -> str:
     tls = tls_failure(error, where)
     if tls is not None:
         message = tls
-    elif _authentication_failed(error):
+    elif authentication_failed(error):
         # redis-py makes a refused password a ConnectionError; "cannot
         # reach" would send a person to look at the network.
         message = (
@@ -82,6 +83,26 @@ def readable(error: Exception, url: str | None) -> str:
     else:
         message = str(error)
     return redact_text(message, url)
+
+
+class UsageFailure(click.ClickException):
+    """A refused argument, said in one line: exit code 2, as click's own
+    usage errors, but without the usage text, which would bury the line."""
+
+    exit_code = 2
+
+
+def click_error(error: Exception, url: str | None) -> click.ClickException:
+    """The one-line CLI error for `error`: exit code 2 for an argument that
+    was refused as such (`InvalidArgumentError`), else 1."""
+    if isinstance(error, InvalidArgumentError):
+        return UsageFailure(redact_text(str(error), url))
+    return click.ClickException(readable(error, url))
+
+
+def counted(count: int, noun: str) -> str:
+    """``1 trial``, ``2 trials``: a count and its noun, in the right number."""
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
 # --- JSON ------------------------------------------------------------------

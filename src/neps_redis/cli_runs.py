@@ -1,16 +1,18 @@
 """The ``neps-redis`` commands that look into runs and tend them.
 
 ``runs``, ``trials``, ``show``, ``errors``, ``workers`` and ``watch`` only
-read; ``reset``, ``remove`` and ``delete`` change a run, each through the
-one Lua transition that does it. Every command takes ``--redis`` after its
-name as well as before it, prints tables for people and ``--json`` for
-scripts, and exits 0 when it did what was asked, 1 when the run or trial
-does not exist or the server failed, 2 on a usage error (click's own).
-Nothing here prints a password.
+read; ``reset``, ``remove`` and ``delete`` change a run through the Lua
+transitions that do it (``delete --force`` resets the trials being
+evaluated, then deletes). Every command takes ``--redis`` after its name as
+well as before it, prints tables for people and ``--json`` for scripts, and
+exits 0 when it did what was asked, 1 when the run or trial does not exist
+or the server failed, 2 on a usage error (click's own, or a malformed URL
+or run name). Nothing here prints a password.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -29,10 +31,12 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
+from neps_redis import defaults
 from neps_redis.cli_export import _redis_option, _url
 from neps_redis.cli_output import (
     Column,
     Layout,
+    counted,
     echo_json,
     fitted_table,
     left_out_note,
@@ -40,7 +44,7 @@ from neps_redis.cli_output import (
 )
 from neps_redis.codec import decode_hash, json_to_budget, loads_json
 from neps_redis.connection import client_from_url, connect, redact_url
-from neps_redis.errors import NePSError
+from neps_redis.errors import NePSError, RunInUseError, TrialNotFoundError
 from neps_redis.keys import PREFIX, RunKeys
 from neps_redis.model import State, Trial
 from neps_redis.state import RedisNePSState
@@ -77,6 +81,9 @@ def _short(value: Any) -> str:
         return "-"
     if isinstance(value, float):
         return f"{value:.6g}"
+    if isinstance(value, Mapping | list | tuple):
+        # As --json shows it, not as Python's repr.
+        return json.dumps(plain(value))
     return str(value)
 
 
@@ -366,7 +373,8 @@ def _print_trials(
         for row in rows
     ]
     more = f" (first {shown} of {matching})" if shown < matching else ""
-    _print_table((columns, cells), heading=f"Run '{run}': {matching} trials{more}")
+    heading = f"Run '{run}': {counted(matching, 'trial')}{more}"
+    _print_table((columns, cells), heading=heading)
 
 
 # --- show ------------------------------------------------------------------
@@ -478,7 +486,7 @@ def errors_command(run: str, redis_url: str | None, as_json: bool) -> None:
     if not errors:
         click.echo(f"Run '{run}': no shared errors.")
         return
-    parts: list[Any] = [Text(f"Run '{run}': {len(errors)} shared errors")]
+    parts: list[Any] = [Text(f"Run '{run}': {counted(len(errors), 'shared error')}")]
     for error in errors:
         parts.append(
             Text(
@@ -552,7 +560,9 @@ def workers_command(run: str, redis_url: str | None, as_json: bool) -> None:
                 ", ".join(row["evaluating"]) or "-",
             ]
         )
-    _print_table((columns, cells), heading=f"Run '{run}': {len(rows)} workers")
+    _print_table(
+        (columns, cells), heading=f"Run '{run}': {counted(len(rows), 'worker')}"
+    )
 
 
 # --- watch -----------------------------------------------------------------
@@ -745,6 +755,17 @@ def watch_command(
 # --- reset, remove, delete -------------------------------------------------
 
 
+@contextlib.contextmanager
+def _trial_of(run: str, trial_id: str) -> Iterator[None]:
+    """A missing trial named with its run, as `show` names it."""
+    try:
+        yield
+    except TrialNotFoundError:
+        raise TrialNotFoundError(
+            f"Trial '{trial_id}' not found in run '{run}'."
+        ) from None
+
+
 @click.command("reset")
 @click.argument("run")
 @click.argument("trial_id", metavar="TRIAL")
@@ -753,7 +774,8 @@ def reset_command(run: str, trial_id: str, redis_url: str | None) -> None:
     """Put one trial of RUN back to pending, dropping its report and its
     shared errors; a worker evaluating it will have its report refused."""
     state = _load(run, _url(redis_url))
-    state.lock_and_reset_trial_by_id(trial_id)
+    with _trial_of(run, trial_id):
+        state.lock_and_reset_trial_by_id(trial_id)
     click.echo(f"Run '{run}': trial {trial_id} is pending again.")
 
 
@@ -764,16 +786,130 @@ def reset_command(run: str, trial_id: str, redis_url: str | None) -> None:
 def remove_command(run: str, trial_id: str, redis_url: str | None) -> None:
     """Delete one trial of RUN and its shared errors."""
     state = _load(run, _url(redis_url))
-    state.lock_and_remove_trial_by_id(trial_id)
+    with _trial_of(run, trial_id):
+        state.lock_and_remove_trial_by_id(trial_id)
     click.echo(f"Run '{run}': trial {trial_id} removed.")
+
+
+# How often `delete --force` resets the evaluating trials and tries again
+# when a live worker claims a trial in between.
+_FORCE_ROUNDS = 5
+
+
+def _live_workers(client: Any, run: str, error: RunInUseError) -> list[str]:
+    """One line for each live lease `error` names, with the worker's host
+    and pid as it registered them."""
+    records = decode_hash(client.hgetall(RunKeys(run).worker_info))
+    lines = []
+    for trial_id, worker_id, deadline in error.live:
+        info = loads_json(records[worker_id]) if worker_id in records else {}
+        where = f" on {info.get('host')} (pid {info.get('pid')})" if info else ""
+        until = _when(deadline / 1000)
+        lines.append(
+            f"  worker '{worker_id or '?'}'{where} is evaluating trial"
+            f" '{trial_id}', lease until {until} UTC"
+        )
+    if error.sampling:
+        lines.append(
+            "  a worker holds the optimizer lease (it is sampling); the lease"
+            f" ends within {defaults.optimizer_lease_seconds():.0f} s"
+        )
+    return lines
+
+
+def _in_use(client: Any, run: str, error: RunInUseError, *, forced: bool) -> str:
+    lines = _live_workers(client, run, error)
+    if error.live and not forced:
+        advice = (
+            "Stop them first, or wait until the lease of a worker that died"
+            f" has expired; or delete now with `neps-redis delete {run} --force`"
+            " (a worker still running then fails on its next write, and its"
+            " result is lost)."
+        )
+    elif error.live:
+        advice = (
+            "Its workers claimed trials again as fast as they were taken from"
+            " them: stop them first."
+        )
+    else:
+        # No command takes the optimizer lease from a sampler: its new
+        # trials would be stored into a run being deleted.
+        advice = (
+            "Try again in a few seconds, once the sampler is done; a sampler"
+            " that died holds the lease until it ends."
+        )
+    return (
+        f"Run '{run}' has live workers, so it was not deleted:\n"
+        + "\n".join(lines)
+        + f"\n{advice}"
+    )
+
+
+def _reset_evaluating(state: RedisNePSState) -> list[str]:
+    """Put every trial being evaluated back to pending; their workers' leases
+    end with it, and so would a report of theirs."""
+    reset = []
+    for trial in state.lock_and_get_current_evaluating_trials():
+        try:
+            state.lock_and_reset_trial_by_id(trial.id)
+        except TrialNotFoundError:
+            continue
+        reset.append(trial.id)
+    return reset
+
+
+def _delete(client: Any, run: str, *, force: bool) -> int:
+    """Delete the run; with `force`, take its trials from live workers
+    first. Returns how many trials it held."""
+    rounds = _FORCE_ROUNDS if force else 1
+    for attempt in range(1, rounds + 1):
+        if force:
+            state = RedisNePSState.create_or_load(
+                run, redis=client, load_only=True, heartbeat=False
+            )
+            taken = _reset_evaluating(state)
+            if taken:
+                click.echo(
+                    f"Run '{run}': took {counted(len(taken), 'trial')} from"
+                    f" live workers ({', '.join(taken)}).",
+                    err=True,
+                )
+        try:
+            return RedisNePSState.delete_run(
+                run, redis=client, worker_id="neps-redis delete"
+            )
+        except RunInUseError as error:
+            refused = error
+        # A live worker may have claimed a trial again in between.
+        if attempt == rounds or not refused.live:
+            break
+    raise RunInUseError(
+        _in_use(client, run, refused, forced=force), refused.live, refused.sampling
+    )
 
 
 @click.command("delete")
 @click.argument("run")
 @_redis_option
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-def delete_command(run: str, redis_url: str | None, yes: bool) -> None:
-    """Delete RUN and every key of it, unless a worker is alive in it."""
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Delete even while workers hold leases in RUN: their trials are taken"
+    " from them first, and their results are lost.",
+)
+def delete_command(run: str, redis_url: str | None, yes: bool, force: bool) -> None:
+    """Delete RUN and every key of it, unless a worker is alive in it.
+
+    A worker is alive while it evaluates a trial under a lease that has not
+    expired (30 minutes after its last heartbeat, by default), or holds the
+    optimizer lease. With --force, the trials being evaluated are put back
+    to pending first, so that their leases end; a worker still running then
+    fails on its next write, and its result is lost. A worker holding the
+    optimizer lease still stops the deletion, for at most that lease's
+    length (two minutes by default). Exit code 1 when the run does not
+    exist, a worker is alive in it, or the question was answered no.
+    """
     url = _url(redis_url)
     client = connect(url)
     keys = RunKeys(run)
@@ -782,7 +918,7 @@ def delete_command(run: str, redis_url: str | None, yes: bool) -> None:
     trials = int(client.zcard(keys.trials))
     if not yes:
         click.confirm(
-            f"Delete run '{run}' ({trials} trials) at {redact_url(url)}?",
+            f"Delete run '{run}' ({counted(trials, 'trial')}) at {redact_url(url)}?",
             abort=True,
         )
 
@@ -792,16 +928,14 @@ def delete_command(run: str, redis_url: str | None, yes: bool) -> None:
     level = state_logger.level
     state_logger.setLevel(logging.ERROR)
     try:
-        deleted = RedisNePSState.delete_run(
-            run, redis=client, worker_id="neps-redis delete"
-        )
+        deleted = _delete(client, run, force=force)
     finally:
         state_logger.setLevel(level)
     # The transition keeps the event stream as a record for a run that
     # starts afresh; deleting the run means that record goes too. Replies
     # kept for replays (request:<id>) expire on their own within seconds.
     client.delete(keys.events)
-    click.echo(f"Run '{run}' deleted: {deleted} trials.")
+    click.echo(f"Run '{run}' deleted: {counted(deleted, 'trial')}.")
 
 
 COMMANDS = (

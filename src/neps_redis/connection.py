@@ -33,9 +33,11 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from neps_redis import defaults
-from neps_redis.errors import NePSError, UnsafeServerError
+from neps_redis.errors import InvalidURLError, NePSError, UnsafeServerError
 from neps_redis.server import EmbeddedServer
 from neps_redis.topology import (
+    CLUSTER_SCHEMES,
+    SENTINEL_SCHEMES,
     cluster_from_url,
     is_cluster_url,
     is_sentinel_url,
@@ -46,6 +48,11 @@ logger = logging.getLogger(__name__)
 
 URL_ENV = "NEPS_REDIS_URL"
 ALLOW_EVICTION_ENV = "NEPS_REDIS_ALLOW_EVICTION"
+
+# What redis-py itself reads; the cluster and Sentinel schemes are topology.py's.
+_PLAIN_SCHEMES = ("redis", "rediss", "unix")
+# Every scheme a URL may have, in the order an error message lists them.
+URL_SCHEMES = (*_PLAIN_SCHEMES, *CLUSTER_SCHEMES, *SENTINEL_SCHEMES)
 
 
 _SECRET_PARAMS = ("password", "ssl_password", "ssl_keyfile_password")
@@ -156,14 +163,27 @@ def client_from_url(url: str, **kwargs: Any) -> Any:
         "health_check_interval": 30,
     }
     options.update(kwargs)
-    if is_cluster_url(url):
-        return cluster_from_url(url, redact_url(url), **options)
-    if is_sentinel_url(url):
-        return sentinel_from_url(url, redact_url(url), **options)
+    shown = redact_url(url)
+    try:
+        if is_cluster_url(url):
+            return cluster_from_url(url, shown, **options)
+        if is_sentinel_url(url):
+            return sentinel_from_url(url, shown, **options)
+    except NePSError as error:
+        # Both parse the URL before they connect, and a failure to connect
+        # is a RedisError: every NePSError of theirs is about the URL.
+        raise InvalidURLError(str(error)) from None
+    scheme = url.partition("://")[0].lower()
+    if scheme not in _PLAIN_SCHEMES:
+        raise InvalidURLError(
+            f"Invalid Redis URL {shown!r}: it must start with one of"
+            f" {', '.join(f'{s}://' for s in URL_SCHEMES)}."
+        )
     try:
         return redis.Redis.from_url(url, **options)
     except ValueError as error:
-        raise NePSError(f"Invalid Redis URL {redact_url(url)!r}: {error}") from None
+        reason = str(error).rstrip(".")
+        raise InvalidURLError(f"Invalid Redis URL {shown!r}: {reason}.") from None
 
 
 # Connection settings that belong to one pool and must not be copied into

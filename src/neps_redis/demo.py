@@ -47,17 +47,23 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from neps_redis.connection import redact_url, resolve_url
-from neps_redis.errors import LeaseLostError, NePSError, OptimizerInfoMismatchError
+from neps_redis.errors import (
+    InvalidArgumentError,
+    LeaseLostError,
+    NePSError,
+    OptimizerInfoMismatchError,
+)
 from neps_redis.model import (
     BudgetInfo,
     OptimizationState,
+    OptimizerInfo,
     Report,
     SampledConfig,
     SeedSnapshot,
     State,
     Trial,
 )
-from neps_redis.state import RedisNePSState
+from neps_redis.state import RedisNePSState, optimizer_info_matches
 from neps_redis.status import RunSummary, summarize
 
 logger = logging.getLogger(__name__)
@@ -274,12 +280,56 @@ def _seed_snapshot(seed: int) -> SeedSnapshot:
     return snapshot
 
 
+class NoBudgetError(NePSError):
+    """The run has no evaluation budget and none was given: its workers
+    would sample for ever."""
+
+
+class BudgetLoweredError(InvalidArgumentError):
+    """A budget below the run's was given; a run's budget is only raised.
+
+    `budget` is the run's, `evaluated` how many trials it holds.
+    """
+
+    def __init__(self, message: str, budget: int, evaluated: int) -> None:
+        super().__init__(message)
+        self.budget = budget
+        self.evaluated = evaluated
+
+
+def _optimizer_info(seed: int | None) -> OptimizerInfo:
+    # The seed is a setting of the search like the space: stored with the
+    # run, it tells a joining worker which seed the run was created with.
+    settings: dict[str, Any] = {"space": SEARCH_SPACE}
+    if seed is not None:
+        settings["seed"] = seed
+    return {"name": OPTIMIZER_NAME, "info": settings}
+
+
+def _join_with_its_seed(run: str, redis_url: str) -> tuple[RedisNePSState, Any]:
+    """Run `run`, which exists and was created with another seed than the
+    one given, or is no run of the demo at all; returns it and its seed."""
+    state = RedisNePSState.create_or_load(run, redis=redis_url, load_only=True)
+    stored = state.lock_and_get_optimizer_info()
+    settings = dict(stored["info"] or {})
+    seed = settings.pop("seed", None)
+    unseeded = {"name": stored["name"], "info": settings}
+    if not optimizer_info_matches(unseeded, _optimizer_info(None)):
+        state.close()
+        raise OptimizerInfoMismatchError(
+            f"Run '{run}' exists and is not a run of the demo's random search"
+            " (its optimizer or search space differ): choose another run name."
+        )
+    return state, seed
+
+
 def create_or_join(
     run: str,
     *,
     redis_url: str | None = None,
     budget: int | None = None,
-    seed: int = DEFAULT_SEED,
+    seed: int | None = None,
+    notify: Callable[[str], None] | None = None,
 ) -> RedisNePSState:
     """The demo's run `run`, created if it does not exist, else joined.
 
@@ -289,42 +339,92 @@ def create_or_join(
     Args:
         redis_url: Where the run lives (default: see `resolve_url`).
         budget: The run's evaluation budget. None keeps the budget of a run
-            that exists and gives a new one `DEFAULT_BUDGET`; a number that
-            differs from the run's becomes the run's.
-        seed: Seeds the RNG snapshot of a new run, so equal seeds sample
-            equal configs under equal ids; a run that exists keeps its own.
+            that exists and gives a new one `DEFAULT_BUDGET`. A larger
+            number than the run's raises the run's; a smaller one is
+            refused, as other workers may count on the larger budget.
+        seed: Seeds the RNG snapshot of a new run (None: `DEFAULT_SEED`),
+            so equal seeds sample equal configs under equal ids. A run that
+            exists keeps its own seed.
+        notify: Called with one line for each change a person should hear
+            of: a budget raised or set, a seed that was not used (default:
+            the log, at INFO).
 
     Raises:
         OptimizerInfoMismatchError: (a NePSError) The run exists and is not
             a run of the demo's search.
+        NoBudgetError: (a NePSError) The run exists without an evaluation
+            budget (it was imported, or made by the library), and `budget`
+            is None.
+        BudgetLoweredError: (an InvalidArgumentError) `budget` is below the
+            run's budget. Nothing was changed.
     """
     if budget is not None and budget < 1:
         raise ValueError(f"budget must be at least 1, not {budget}.")
+    if notify is None:
+        notify = functools.partial(logger.info, "%s")
+    redis_url = resolve_url(redis_url)
+    chosen_seed = DEFAULT_SEED if seed is None else seed
     try:
         state = RedisNePSState.create_or_load(
             run,
-            redis=resolve_url(redis_url),
-            optimizer_info={"name": OPTIMIZER_NAME, "info": {"space": SEARCH_SPACE}},
+            redis=redis_url,
+            optimizer_info=_optimizer_info(chosen_seed),
             optimizer_state=OptimizationState(
                 budget=BudgetInfo(total_evaluations_to_spend=budget or DEFAULT_BUDGET),
-                seed_snapshot=_seed_snapshot(seed),
+                seed_snapshot=_seed_snapshot(chosen_seed),
                 shared_state=None,
             ),
         )
-    except OptimizerInfoMismatchError as error:
-        raise OptimizerInfoMismatchError(
-            f"Run '{run}' exists and is not a run of the demo's random search"
-            " (its optimizer or search space differ): choose another run name."
-        ) from error
+    except OptimizerInfoMismatchError:
+        state, run_seed = _join_with_its_seed(run, redis_url)
+        if seed is not None:
+            notify(
+                f"Run '{run}' keeps the seed it was created with ({run_seed});"
+                f" seed {seed} was not used."
+            )
 
-    if budget is not None and state.lock_and_get_global_budgets()[0] != budget:
-        logger.info("Run %r: evaluation budget set to %d.", run, budget)
-        state.lock_and_update_global_budgets(
-            total_evaluations_to_spend=budget,
-            total_cost_to_spend=None,
-            total_fidelities_to_spend=None,
-        )
+    try:
+        _settle_budget(state, budget, notify)
+    except BaseException:
+        state.close()
+        raise
     return state
+
+
+def _settle_budget(
+    state: RedisNePSState, budget: int | None, notify: Callable[[str], None]
+) -> None:
+    """Give the run `budget` if it is more than the run's; see
+    `create_or_join`."""
+    run = state.run
+    current = state.lock_and_get_global_budgets()[0]
+    if budget is None:
+        if current is None:
+            raise NoBudgetError(
+                f"Run '{run}' has no evaluation budget, so its workers would"
+                " never stop; give it one."
+            )
+        return
+    if current is not None and budget < current:
+        evaluated = sum(state.counts().values())
+        raise BudgetLoweredError(
+            f"Run '{run}' has an evaluation budget of {current}; a budget is"
+            f" raised, never lowered, so {budget} was refused.",
+            current,
+            evaluated,
+        )
+    if budget == current:
+        return
+
+    if current is None:
+        notify(f"Run '{run}': evaluation budget set to {budget}.")
+    else:
+        notify(f"Run '{run}': evaluation budget raised from {current} to {budget}.")
+    state.lock_and_update_global_budgets(
+        total_evaluations_to_spend=budget,
+        total_cost_to_spend=None,
+        total_fidelities_to_spend=None,
+    )
 
 
 # --- a worker --------------------------------------------------------------
@@ -528,9 +628,15 @@ def evaluate_until_spent(
     lease runs out. `on_report` is called after each report is stored.
 
     Raises:
+        NoBudgetError: The run has no evaluation budget.
         WorkerStopped: `stop` caught a signal. A trial this worker was
             evaluating went back to pending.
     """
+    if state.lock_and_get_global_budgets()[0] is None:
+        raise NoBudgetError(
+            f"Run '{state.run}' has no evaluation budget, so its workers would"
+            " never stop; give it one."
+        )
     stop = stop or StopSignals()
     optimizer = RandomSearch(state.lock_and_get_optimizer_info()["info"]["space"])
     while True:
@@ -648,25 +754,28 @@ def run_demo(
     redis_url: str | None = None,
     run: str | None = None,
     workers: int = DEFAULT_WORKERS,
-    budget: int = DEFAULT_BUDGET,
-    seed: int = DEFAULT_SEED,
+    budget: int | None = None,
+    seed: int | None = None,
     workdir: str | Path | None = None,
     objective: Callable[[Mapping[str, Any]], Any] = evaluate_config,
     console: Console | None = None,
     show_progress: bool = True,
     timeout: float | None = None,
+    notify: Callable[[str], None] | None = None,
 ) -> RunSummary:
-    """Run a random search with `workers` processes until `budget` trials.
+    """Run a random search with `workers` processes until the run's budget
+    of trials.
 
     Args:
         redis_url: Where the run lives (default: see `resolve_url`).
         run: The run's name (default `default_run_name()`). An existing run
-            of the demo is continued: its stored RNG state is used, and its
-            evaluation budget becomes `budget`.
+            of the demo is continued: its stored RNG state is used.
         workers: Number of worker processes.
-        budget: Number of trials to evaluate in all.
-        seed: Seeds the run's RNG snapshot, so equal seeds sample equal
-            configs under equal ids.
+        budget: Number of trials to evaluate in all; as for
+            `create_or_join` (None: the run's, `DEFAULT_BUDGET` for a new
+            run; a run's budget is raised, never lowered).
+        seed: Seeds a new run's RNG snapshot (None: `DEFAULT_SEED`), so
+            equal seeds sample equal configs under equal ids.
         workdir: Each worker writes into ``<workdir>/<run>/<worker id>/``
             (default: a new temporary directory).
         objective: Takes a config, returns the objective to minimize or
@@ -675,12 +784,13 @@ def run_demo(
         show_progress: Draw the progress bar.
         timeout: Stop the workers and raise `DemoTimeoutError` after this
             many seconds (default: no limit).
+        notify: As for `create_or_join`.
 
     Raises:
         WorkerFailedError: A worker process exited with an error; the
             summary is attached.
     """
-    if workers < 1 or budget < 1:
+    if workers < 1 or (budget is not None and budget < 1):
         raise ValueError("workers and budget must be at least 1.")
     if objective is evaluate_config and importlib.util.find_spec("sklearn") is None:
         raise NePSError(
@@ -688,7 +798,10 @@ def run_demo(
         )
     redis_url = resolve_url(redis_url)
     run = run or default_run_name()
-    state = create_or_join(run, redis_url=redis_url, budget=budget, seed=seed)
+    state = create_or_join(
+        run, redis_url=redis_url, budget=budget, seed=seed, notify=notify
+    )
+    budget = state.lock_and_get_global_budgets()[0] or DEFAULT_BUDGET
     if workdir is None:
         workdir = tempfile.mkdtemp(prefix="neps-redis-demo-")
     directory = run_directory(workdir, run)
@@ -777,9 +890,12 @@ def _watch(
             if not alive:
                 break
             if deadline is not None and time.monotonic() > deadline:
+                were = (
+                    "worker process was" if len(alive) == 1 else "worker processes were"
+                )
                 raise DemoTimeoutError(
-                    f"{len(alive)} worker processes of run '{state.run}' were"
-                    " still running at the demo's deadline; they were stopped."
+                    f"{len(alive)} {were} of run '{state.run}' still running at"
+                    " the demo's deadline, and stopped."
                 )
             for process in processes:
                 if process.exitcode not in (None, 0) and process.name not in told:

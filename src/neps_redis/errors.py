@@ -36,8 +36,17 @@ class RunNotFoundError(NePSError, FileNotFoundError):
     """The run does not exist (it is also a FileNotFoundError, as in NePS)."""
 
 
-class InvalidNameError(NePSError, ValueError):
+class InvalidArgumentError(NePSError, ValueError):
+    """A value the caller gave is refused as such, before anything was
+    changed: the command line reports it as a usage error (exit code 2)."""
+
+
+class InvalidNameError(InvalidArgumentError):
     """A run name or trial id that cannot be stored safely."""
+
+
+class InvalidURLError(InvalidArgumentError):
+    """A Redis URL that cannot be parsed, or whose scheme is unknown."""
 
 
 class EncodingError(NePSError, TypeError):

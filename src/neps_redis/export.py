@@ -920,6 +920,9 @@ class RunDirectory:
     errors: list[SerializableTrialError]
     skipped: list[Skipped]
     notes: list[str]
+    # What becomes of the optimizer state in a new run; a run imported into
+    # keeps its own, and these do not apply to it.
+    state_notes: list[str] = field(default_factory=list)
 
 
 class _Collector:
@@ -937,7 +940,9 @@ class _Collector:
         with contextlib.suppress(ValueError):
             path = path.relative_to(self.root)
         self.skipped.append(Skipped(path.as_posix(), error.line, error.reason))
-        logger.warning("Skipped %s: %s", error.path, error.reason)
+        # INFO, not WARNING: the caller asked for skipping and gets the list
+        # in the result, which the command line prints once.
+        logger.info("Skipped %s: %s", error.path, error.reason)
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -1067,13 +1072,14 @@ def read_run_directory(
         )
 
     optimizer_state = None
+    state_notes: list[str] = []
     state_path = root / neps_files.OPTIMIZER_STATE_FILE
     if not state_path.is_file():
-        notes.append(
+        state_notes.append(
             "There is no optimizer_state.pkl: the run gets a fresh optimizer state."
         )
     elif not allow_pickle:
-        notes.append(
+        state_notes.append(
             "optimizer_state.pkl was not read (unpickling was not allowed): the run"
             " gets a fresh optimizer state (new RNG snapshot, no budget, no shared"
             " state); worker ids come from the trials."
@@ -1083,12 +1089,12 @@ def read_run_directory(
             optimizer_state, pickle_notes = neps_pickle.loads_optimizer_state(
                 state_path.read_bytes()
             )
-            notes += pickle_notes
+            state_notes += pickle_notes
         except Exception as error:
             collector.corrupt(
                 CorruptRunError(state_path, None, f"cannot be unpickled: {error}")
             )
-            notes.append("The run gets a fresh optimizer state instead.")
+            state_notes.append("The run gets a fresh optimizer state instead.")
 
     space_pickle = None
     space_path = root / neps_files.PIPELINE_SPACE_FILE
@@ -1136,6 +1142,7 @@ def read_run_directory(
         errors=errors,
         skipped=collector.skipped,
         notes=notes,
+        state_notes=state_notes,
     )
 
 
@@ -1247,11 +1254,20 @@ def import_run(
                 f"\nDirectory: {parsed.optimizer_info}"
             )
         if parsed.optimizer_state is not None:
-            notes.append(f"Run '{run}' keeps its own optimizer state.")
+            notes.append(
+                f"Run '{run}' keeps its own optimizer state; the directory's"
+                " optimizer_state.pkl was not used."
+            )
+        if parsed.space_pickle is not None:
+            notes.append(
+                f"Run '{run}' keeps its own pipeline space; the directory's"
+                " pipeline_space.pkl was not used."
+            )
 
     state_fields: dict[str, Any] = {}
     state_source: Literal["imported", "fresh", "kept"] = "kept"
     if mode == "new":
+        notes += parsed.state_notes
         optimizer_state = parsed.optimizer_state
         state_source = "imported"
         if optimizer_state is None:
@@ -1346,9 +1362,9 @@ def import_run(
     evaluating = counts.get(State.EVALUATING.value, 0)
     if evaluating:
         notes.append(
-            f"{evaluating} trial(s) were evaluating in the directory; they are stored"
-            " evaluating with a fresh lease, so a worker of this run can take them"
-            " over once it expires."
+            f"{evaluating} {'trial was' if evaluating == 1 else 'trials were'}"
+            " evaluating in the directory; each is stored evaluating with a fresh"
+            " lease, and a worker of this run takes it over once the lease expires."
         )
     if parsed.space_pickle is not None and mode == "new":
         notes.append(
