@@ -178,6 +178,58 @@ def test_changes_after_going_back_in_time_do_not_hide_the_loss(redis_url, r):
     assert list(seen) == ["1", "2", "3"]
 
 
+def test_a_server_gone_back_in_time_after_the_stream_was_emptied_is_read_afresh(
+    redis_url, r
+):
+    # Given a reader whose last read found the event stream empty (trimmed)
+    writer = new_state(redis_url)
+    writer.lock_and_sample_trial(CountingRandomSearch(), worker_id="w", n=3)
+    saved = snapshot(r, "cache")
+    writer.lock_and_sample_trial(CountingRandomSearch(), worker_id="w", n=2)
+    r.xtrim(writer.keys.events, maxlen=0)
+    reader = RedisNePSState.create_or_load("cache", redis=redis_url, load_only=True)
+    assert len(reader.lock_and_read_trials()) == 5
+
+    # When the server goes back to before the last two trials
+    roll_back(r, "cache", saved)
+
+    # Then the reader shows the three the server has
+    assert list(reader.lock_and_read_trials()) == ["1", "2", "3"]
+
+
+def test_a_change_read_before_its_event_is_not_kept_once_the_server_loses_it(
+    redis_url, r, monkeypatch
+):
+    import neps_redis.cache as cache
+
+    # Given a reader that read the run once, and the server's state then
+    writer = new_state(redis_url)
+    writer.lock_and_sample_trial(CountingRandomSearch(), worker_id="w", n=2)
+    reader = RedisNePSState.create_or_load("cache", redis=redis_url, load_only=True)
+    reader.lock_and_read_trials()
+    trial = writer.claim_next_pending_trial(worker_id="w")
+    saved = snapshot(r, "cache")
+
+    # When a report lands between the reader's look at the events and its
+    # read of the trials they name (so it reads the report before its event)
+    read_hashes = cache.read_trial_hashes
+
+    def report_first(*args, **kwargs):
+        monkeypatch.setattr(cache, "read_trial_hashes", read_hashes)
+        writer.lock_and_report_trial_evaluation(trial, _done(trial), worker_id="w")
+        return read_hashes(*args, **kwargs)
+
+    monkeypatch.setattr(cache, "read_trial_hashes", report_first)
+    assert reader.lock_and_read_trials()["1"].report is not None
+    # and the server then loses that report (a failover, a restore)
+    roll_back(r, "cache", saved)
+
+    # Then the reader no longer shows it
+    seen = reader.lock_and_read_trials()
+    assert seen["1"].report is None
+    assert seen["1"].metadata.state == "evaluating"
+
+
 def test_own_changes_to_a_read_trial_are_replaced_by_the_stored_one(redis_url):
     # Given a caller that changes a trial it read, then stores it
     state = new_state(redis_url)

@@ -199,6 +199,34 @@ def test_a_worker_refuses_a_run_of_another_search_with_exit_code_1(redis_url, tm
     assert "Traceback" not in err
 
 
+def test_a_worker_refuses_a_random_search_run_without_the_demo_s_space(
+    redis_url, tmp_path
+):
+    # Given a random-search run made by the library, without the demo's space
+    RedisNePSState.create_or_load(
+        "bare",
+        redis=redis_url,
+        optimizer_info={"name": OPTIMIZER_NAME, "info": {}},
+        optimizer_state=OptimizationState(
+            budget=None, seed_snapshot=SeedSnapshot.new_capture(), shared_state=None
+        ),
+    ).close()
+
+    # When a worker is given it, with a budget
+    code, _, err = finish(
+        start_worker(
+            "worker", "bare", "--redis", redis_url, "--budget", "2",
+            "--workdir", str(tmp_path),
+        )
+    )  # fmt: skip
+
+    # Then it refuses in one line, before touching the run's budget
+    assert code == 1
+    assert "Run 'bare' exists and is not a run of the demo's random search" in err
+    assert "Traceback" not in err
+    assert _budget(redis_url, "bare") is None
+
+
 @pytest.mark.parametrize(
     "args",
     [["worker"], ["worker", "run", "--budget", "0"], ["worker", "run", "--nope"]],

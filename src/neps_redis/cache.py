@@ -8,16 +8,24 @@ run's size.
 
 Why it never misses a change:
 
-- The position is taken *before* the trials are read, so a change made
-  meanwhile is both already visible in what was read and named again by the
-  next read. A trial read twice is merely read twice.
-- The copy remembers the last event it saw, id and fields: its *anchor*.
-  Each read asks for the events from the anchor on, inclusive, and trusts
-  them only if the first one is the anchor itself. If it is not, the stream
-  was trimmed past it, the run was deleted and created again, or the server
-  went back in time (a failover to a replica that had not received the last
-  writes, a restart from an older snapshot): the copy may hold changes the
-  server no longer has, so it is thrown away and read again in full.
+- The copy's *position* is the last event whose change it has taken in.
+  Each read asks for the events from the position on, and re-reads the
+  trials named after it. The position is taken *before* the trials are
+  read, so a change made meanwhile is both already visible in what was
+  read and named again by the next read. A trial read twice is merely read
+  twice.
+- What was read may thus be newer than the position, so the copy also
+  keeps an *anchor*: the newest event, read after the trials, so that every
+  write the copy shows has its event at or before the anchor.
+- Each read trusts the events only if the position and the anchor are both
+  still there, same id and same fields. If not, the stream was trimmed past
+  them, the run was deleted and created again, or the server went back in
+  time (a failover to a replica that had not received the last writes, a
+  restart from an older snapshot; a replica holds a prefix of its primary's
+  writes, so a lost write takes every later event with it, the anchor
+  included): the copy may hold changes the server no longer has, so it is
+  thrown away and read again in full. So it is, every time, while the
+  stream is empty: then there is nothing to check against.
 - A trial this process wrote itself is re-read on the next read, whatever
   the events say (`forget`): its caller may have changed the shared object.
 
@@ -101,17 +109,44 @@ class TrialsView(Mapping[str, Trial]):
 
 
 def read_trial_hashes(
-    client: Any, keys: RunKeys, ids: list[str]
-) -> Iterator[tuple[str, dict[str, str] | None]]:
+    client: Any, keys: RunKeys, ids: list[str], *, then_tail: bool = False
+) -> tuple[list[tuple[str, dict[str, str] | None]], Entry | None]:
     """Each trial's decoded hash (None where it is gone), in the order of
-    `ids`, read in pipelined chunks."""
-    for begin in range(0, len(ids), defaults.READ_CHUNK):
+    `ids`, read in pipelined chunks; with `then_tail`, also the run's newest
+    event, read after the last trial (else None)."""
+    hashes: list[tuple[str, dict[str, str] | None]] = []
+    tail = None
+    starts: Any = range(0, len(ids), defaults.READ_CHUNK)
+    if not ids:
+        starts = [0] if then_tail else []
+    for begin in starts:
         chunk = ids[begin : begin + defaults.READ_CHUNK]
         pipe = client.pipeline(transaction=False)
         for trial_id in chunk:
             pipe.hgetall(keys.trial(trial_id))
-        for trial_id, raw in zip(chunk, pipe.execute(), strict=True):
-            yield trial_id, (decode_hash(raw) if raw else None)
+        last = begin == starts[-1]
+        if then_tail and last:
+            pipe.xrevrange(keys.events, count=1)
+        replies = pipe.execute()
+        if then_tail and last:
+            newest = replies.pop()
+            tail = _entry(newest[0]) if newest else None
+        for trial_id, raw in zip(chunk, replies, strict=True):
+            hashes.append((trial_id, decode_hash(raw) if raw else None))
+    return hashes, tail
+
+
+# An event-stream entry: its id and its fields.
+Entry = tuple[bytes, dict[bytes, bytes]]
+
+
+def _entry(raw: Any) -> Entry:
+    return (raw[0], raw[1])
+
+
+def _stream_id(entry: Entry) -> tuple[int, int]:
+    ms, _, seq = entry[0].decode().partition("-")
+    return int(ms), int(seq or 0)
 
 
 def _held_elsewhere(data: dict[str, Trial]) -> bool:
@@ -131,7 +166,8 @@ class TrialCache:
         self._cost: dict[str, float] = {}
         self._cost_total = Fraction(0)  # of the finite costs
         self._odd_cost: dict[str, float] = {}  # NaN and infinite ones
-        self._anchor: tuple[bytes, dict[bytes, bytes]] | None = None
+        self._position: Entry | None = None
+        self._anchor: Entry | None = None
         self._created_at: bytes | None = None
         self._loaded = False
         self._stale: set[str] = set()
@@ -155,25 +191,27 @@ class TrialCache:
         if first is not None:
             first(pipe)
         own = len(pipe)
-        if self._loaded:
+        position = self._position if self._loaded else None
+        if position is not None:
             pipe.hget(keys.meta, "created_at")
-            start = b"-" if self._anchor is None else self._anchor[0]
-            pipe.xrange(keys.events, min=start)
+            pipe.xrange(keys.events, min=position[0])
         replies = pipe.execute()
         extra = replies[:own]
-        if not self._loaded:
+        if position is None:
             self._full_read()
             return TrialsView(self._trials), extra
 
-        created_at, events = replies[own:]
-        if created_at != self._created_at:
+        created_at, raw_events = replies[own:]
+        events = [_entry(e) for e in raw_events]
+        if (
+            created_at != self._created_at
+            or not events
+            or events[0] != position
+            or not self._anchor_among(events)
+        ):
             self._full_read()
             return TrialsView(self._trials), extra
-        if self._anchor is not None:
-            if not events or tuple(events[0]) != self._anchor:
-                self._full_read()
-                return TrialsView(self._trials), extra
-            events = events[1:]
+        events = events[1:]
 
         changed = {
             fields[b"trial_id"].decode()
@@ -182,12 +220,24 @@ class TrialCache:
         }
         changed |= self._stale
         if changed:
-            self._refresh(sorted(changed, key=self._order))
+            self._anchor = self._refresh(sorted(changed, key=self._order))
         # Only now: a read that failed half-way is done again in full.
         self._stale = set()
         if events:
-            self._anchor = tuple(events[-1])  # type: ignore[assignment]
+            self._position = events[-1]
+            if self._anchor is None or _stream_id(self._anchor) < _stream_id(
+                self._position
+            ):
+                # Both exist, and a replica keeps a prefix of the writes:
+                # the newer one vouches for the older.
+                self._anchor = self._position
         return TrialsView(self._trials), extra
+
+    def _anchor_among(self, events: list[Entry]) -> bool:
+        anchor = self._anchor
+        if anchor is None:
+            return False
+        return any(entry == anchor for entry in events if entry[0] == anchor[0])
 
     def used_cost(self) -> float | int:
         """The sum of the reported costs of the trials as of the last read,
@@ -214,20 +264,24 @@ class TrialCache:
         self._trials, self._seq, self._cost, self._odd_cost = {}, {}, {}, {}
         self._cost_total = Fraction(0)
         self._stale = set()
-        self._refresh([i.decode() for i in ids])
-        self._anchor = tuple(last[0]) if last else None  # type: ignore[assignment]
+        tail = self._refresh([i.decode() for i in ids], always_tail=True)
+        self._position = _entry(last[0]) if last else None
+        self._anchor = tail
         self._created_at = created_at
         self._loaded = True
         self.full_reads += 1
 
-    def _refresh(self, ids: list[str]) -> None:
-        if not ids:
-            return
-        if _held_elsewhere(self._trials):
+    def _refresh(self, ids: list[str], *, always_tail: bool = False) -> Entry | None:
+        """Read these trials into the copy; returns the run's newest event,
+        read after them."""
+        if not ids and not always_tail:
+            return self._anchor
+        if ids and _held_elsewhere(self._trials):
             # A view handed out earlier still holds it: it stays as it is.
             self._trials = dict(self._trials)
+        hashes, tail = read_trial_hashes(self._client, self._keys, ids, then_tail=True)
         fetched: list[tuple[int, str, Trial]] = []
-        for trial_id, fields in read_trial_hashes(self._client, self._keys, ids):
+        for trial_id, fields in hashes:
             if fields is None:
                 self._drop(trial_id)
                 continue
@@ -245,6 +299,7 @@ class TrialCache:
             self._trials[trial_id] = trial
             self._seq[trial_id] = seq
             self._count_cost(trial_id, trial)
+        return tail
 
     def _drop(self, trial_id: str) -> None:
         self._trials.pop(trial_id, None)

@@ -384,6 +384,13 @@ def create_or_join(
             )
 
     try:
+        if "space" not in (state.lock_and_get_optimizer_info()["info"] or {}):
+            # NePS's rules accept settings a run did not record; the space
+            # must be there all the same: the workers sample from it.
+            raise OptimizerInfoMismatchError(
+                f"Run '{run}' exists and is not a run of the demo's random"
+                " search (it records no search space): choose another run name."
+            )
         _settle_budget(state, budget, notify)
     except BaseException:
         state.close()

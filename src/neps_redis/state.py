@@ -552,7 +552,7 @@ class RedisNePSState:
             trial_id: fields_to_trial(fields)
             for trial_id, fields in read_trial_hashes(
                 self._client, self.keys, list(ids)
-            )
+            )[0]
             if fields is not None
         }
 
