@@ -6,6 +6,7 @@ installs signal handlers, which must not land in the test process.
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -31,12 +32,15 @@ _TRIAL_LINE = re.compile(
 )
 
 
-def start_worker(*args: str) -> subprocess.Popen[str]:
+def start_worker(
+    *args: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-c", "from neps_redis.cli import main; main()", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=None if env is None else {**os.environ, **env},
     )
 
 
@@ -197,6 +201,22 @@ def test_a_worker_refuses_a_run_of_another_search_with_exit_code_1(redis_url, tm
     assert code == 1
     assert "Run 'other' exists and is not a run of the demo's random search" in err
     assert "Traceback" not in err
+
+
+def test_a_worker_without_a_workdir_leaves_no_directory_behind(redis_url, tmp_path):
+    # When a worker runs without --workdir
+    code, out, err = finish(
+        start_worker(
+            "worker", "tidy", "--redis", redis_url, "--budget", "1",
+            env={"TMPDIR": str(tmp_path)},
+        )
+    )  # fmt: skip
+
+    # Then it worked in a temporary directory, removed when it was done
+    assert code == 0, err
+    assert "finished 1 of 1" in out
+    assert str(tmp_path) in err
+    assert not list(tmp_path.glob("neps-redis-worker-*"))
 
 
 def test_a_worker_refuses_a_random_search_run_without_the_demo_s_space(

@@ -370,9 +370,17 @@ def worker(
     stop = StopSignals()
     stop.install()
     try:
-        _work_in_foreground(
-            settings, run, budget, workdir, seed, stop, wait_seconds=wait_seconds
-        )
+        with contextlib.ExitStack() as scratch:
+            if workdir is None:
+                # Its trials' files are of no use once the worker is done.
+                workdir = Path(
+                    scratch.enter_context(
+                        tempfile.TemporaryDirectory(prefix="neps-redis-worker-")
+                    )
+                )
+            _work_in_foreground(
+                settings, run, budget, workdir, seed, stop, wait_seconds=wait_seconds
+            )
     except WorkerStopped as stopped:
         click.get_current_context().exit(stopped.exit_code)
 
@@ -381,7 +389,7 @@ def _work_in_foreground(
     settings: _Settings,
     run: str,
     budget: int | None,
-    workdir: Path | None,
+    workdir: Path,
     seed: int | None,
     stop: StopSignals,
     *,
@@ -397,8 +405,6 @@ def _work_in_foreground(
     settings.url = resolve_url(settings.redis_url)
     _wait_for_server(settings.url, wait_seconds)
     limit_blas_threads()
-    if workdir is None:
-        workdir = Path(tempfile.mkdtemp(prefix="neps-redis-worker-"))
 
     with _budget_refusals(run, budget):
         state = create_or_join(
